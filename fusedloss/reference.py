@@ -1,0 +1,675 @@
+"""The executable specification of every fusedloss loss.
+
+Slow, plainly written PyTorch: torch ops only, gradients from autograd, no custom kernels. Every
+fused backend (Triton, CUDA, CPU) must agree with these functions; the tests tie these functions
+to torch (``F.cross_entropy``, ``F.linear_cross_entropy``, ``F.binary_cross_entropy_with_logits``)
+and to the peers' published formulas.
+
+Numerics: half-precision (float16, bfloat16) and float32 inputs are computed in float32, float64
+inputs in float64; the loss is returned in the input's dtype, as torch does. Gradients reach the
+input (and ``weight`` etc. where they require grad) through autograd; every formula is written so
+that autograd gives finite gradients for finite inputs (``torch.where`` guards instead of
+``0 * inf``).
+
+This module imports nothing from the rest of ``fusedloss`` so it can be loaded standalone. The
+``_check_*`` helpers at the top are the argument checks shared with ``fusedloss.functional``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "cross_entropy",
+    "linear_cross_entropy",
+    "sigmoid_focal_loss",
+    "softmax_focal_loss",
+    "binary_cross_entropy_with_logits",
+    "total_variation",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Shared argument checks (reused by fusedloss.functional)
+# ---------------------------------------------------------------------------------------------
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("none", "mean", "sum")
+TV_NORMS = ("l1", "l2_squared", "isotropic")
+
+
+def _check_reduction(reduction, name="reduction"):
+    """Raise ValueError unless ``reduction`` is 'none', 'mean' or 'sum'."""
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"{name} must be one of 'none', 'mean', 'sum', got {reduction!r}")
+    return reduction
+
+
+def _check_tensor(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _check_float_tensor(x, name):
+    """TypeError unless ``x`` is a float16/bfloat16/float32/float64 tensor."""
+    _check_tensor(x, name)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a float16, bfloat16, float32 or float64 tensor, got dtype {x.dtype}"
+        )
+    return x
+
+
+def _check_same_device(x, name, ref, ref_name="input"):
+    if x.device != ref.device:
+        raise ValueError(
+            f"{name} must be on the same device as {ref_name}, got {x.device} and {ref.device}"
+        )
+    return x
+
+
+def _check_real(value, name, *, low=None, low_inclusive=True, high=None, high_inclusive=True):
+    """Check a Python real number (not bool, finite) against optional bounds; return it as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        op = ">=" if low_inclusive else ">"
+        raise ValueError(f"{name} must be {op} {low}, got {value}")
+    if high is not None and (value > high or (value == high and not high_inclusive)):
+        op = "<=" if high_inclusive else "<"
+        raise ValueError(f"{name} must be {op} {high}, got {value}")
+    return value
+
+
+def _check_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def _check_bool(value, name):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_label_smoothing(label_smoothing):
+    return _check_real(label_smoothing, "label_smoothing", low=0.0, high=1.0)
+
+
+def _check_z_loss(z_loss):
+    return _check_real(z_loss, "z_loss", low=0.0)
+
+
+def _check_gamma(gamma):
+    return _check_real(gamma, "gamma", low=0.0)
+
+
+def _check_softcap(softcap):
+    """None, or a finite real number > 0."""
+    if softcap is None:
+        return None
+    return _check_real(softcap, "softcap", low=0.0, low_inclusive=False)
+
+
+def _check_chunk_size(chunk_size):
+    if chunk_size is None:
+        return None
+    chunk_size = _check_int(chunk_size, "chunk_size")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    return chunk_size
+
+
+def _check_class_weight(weight, num_classes, input, name="weight"):
+    """None, or a floating 1-D tensor of ``num_classes`` elements on input's device."""
+    if weight is None:
+        return None
+    _check_float_tensor(weight, name)
+    _check_same_device(weight, name, input)
+    if weight.dim() != 1 or weight.shape[0] != num_classes:
+        raise ValueError(
+            f"{name} must be a 1-D tensor with one value per class ({num_classes}), "
+            f"got shape {tuple(weight.shape)}"
+        )
+    return weight
+
+
+def _check_broadcast_weight(weight, input, name="weight"):
+    """None, or a floating tensor that broadcasts to input's shape (without enlarging it)."""
+    if weight is None:
+        return None
+    _check_float_tensor(weight, name)
+    _check_same_device(weight, name, input)
+    try:
+        shape = torch.broadcast_shapes(weight.shape, input.shape)
+    except RuntimeError:
+        shape = None
+    if shape != input.shape:
+        raise ValueError(
+            f"{name} of shape {tuple(weight.shape)} must be broadcastable to the input's shape "
+            f"{tuple(input.shape)}"
+        )
+    return weight
+
+
+def _check_cross_entropy_args(input, target, weight, ignore_index, reduction, label_smoothing,
+                              z_loss, softcap):
+    """Check cross_entropy's arguments; return True for class-probability targets.
+
+    Class-index targets: int64, shape ``(N, d1, ..., dk)`` for input ``(N, C, d1, ..., dk)``,
+    or 0-d for an unbatched input ``(C,)``. Class-probability targets: floating, input's shape.
+    """
+    _check_float_tensor(input, "input")
+    _check_tensor(target, "target")
+    _check_same_device(target, "target", input)
+    if input.dim() == 0:
+        raise ValueError("input must have at least 1 dimension (C,) or (N, C, ...), got a 0-d tensor")
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if num_classes == 0:
+        raise ValueError(f"input must have at least one class, got shape {tuple(input.shape)}")
+    _check_reduction(reduction)
+    _check_int(ignore_index, "ignore_index")
+    _check_label_smoothing(label_smoothing)
+    _check_z_loss(z_loss)
+    _check_softcap(softcap)
+    if target.dtype.is_floating_point:
+        _check_float_tensor(target, "target")
+        if target.shape != input.shape:
+            raise ValueError(
+                "target with class probabilities (floating dtype) must have the input's shape "
+                f"{tuple(input.shape)}, got {tuple(target.shape)}"
+            )
+        probs = True
+    elif target.dtype == torch.int64:
+        expected = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
+        if tuple(target.shape) != expected:
+            raise ValueError(
+                f"target with class indices must have shape {expected} for input of shape "
+                f"{tuple(input.shape)}, got {tuple(target.shape)}"
+            )
+        probs = False
+    else:
+        raise TypeError(
+            "target must be int64 (class indices) or floating (class probabilities), "
+            f"got dtype {target.dtype}"
+        )
+    _check_class_weight(weight, num_classes, input)
+    return probs
+
+
+def _check_linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight,
+                                     reduction, chunk_size):
+    """Check linear_cross_entropy's own arguments (the rest are cross_entropy's); return True
+    for class-probability targets."""
+    _check_float_tensor(input, "input")
+    _check_float_tensor(linear_weight, "linear_weight")
+    _check_tensor(target, "target")
+    _check_same_device(linear_weight, "linear_weight", input)
+    _check_same_device(target, "target", input)
+    if input.dim() < 1:
+        raise ValueError("input must have shape (..., H), got a 0-d tensor")
+    if linear_weight.dim() != 2:
+        raise ValueError(
+            f"linear_weight must have shape (V, H), got shape {tuple(linear_weight.shape)}"
+        )
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(
+            f"linear_weight must have the input's dtype {input.dtype}, got {linear_weight.dtype}"
+        )
+    vocab, hidden = linear_weight.shape
+    if input.shape[-1] != hidden:
+        raise ValueError(
+            f"input's last dimension ({input.shape[-1]}) must equal linear_weight's second "
+            f"dimension ({hidden})"
+        )
+    if linear_bias is not None:
+        _check_float_tensor(linear_bias, "linear_bias")
+        _check_same_device(linear_bias, "linear_bias", input)
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(
+                f"linear_bias must have the input's dtype {input.dtype}, got {linear_bias.dtype}"
+            )
+        if tuple(linear_bias.shape) != (vocab,):
+            raise ValueError(
+                f"linear_bias must have shape ({vocab},), got {tuple(linear_bias.shape)}"
+            )
+    batch_shape = tuple(input.shape[:-1])
+    if target.dtype.is_floating_point:
+        _check_float_tensor(target, "target")
+        if tuple(target.shape) != batch_shape + (vocab,):
+            raise ValueError(
+                f"target with class probabilities must have shape {batch_shape + (vocab,)}, "
+                f"got {tuple(target.shape)}"
+            )
+    elif target.dtype == torch.int64:
+        if tuple(target.shape) != batch_shape:
+            raise ValueError(
+                f"target with class indices must have shape {batch_shape} (input.shape[:-1]), "
+                f"got {tuple(target.shape)}"
+            )
+    else:
+        raise TypeError(
+            "target must be int64 (class indices) or floating (class probabilities), "
+            f"got dtype {target.dtype}"
+        )
+    _check_class_weight(weight, vocab, input)
+    _check_chunk_size(chunk_size)
+    _check_reduction(reduction)
+    return target.dtype.is_floating_point
+
+
+# ---------------------------------------------------------------------------------------------
+# Small shared pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype):
+    """The dtype the reference computes in: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce(loss, reduction, denominator=None):
+    """'none' -> loss; 'sum' -> loss.sum(); 'mean' -> loss.sum() / denominator (default numel)."""
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if denominator is None:
+        denominator = loss.numel()
+    return total / denominator
+
+
+def _to_rows(input, target, probs):
+    """Move the class dimension last and flatten: (N, C, d...) -> (M, C) rows.
+
+    Returns (rows, row_targets, out_shape) where out_shape is the per-element loss shape:
+    (N, d1, ..., dk), or () for an unbatched input (C,).
+    """
+    num_classes = input.shape[-1] if input.dim() == 1 else input.shape[1]
+    if input.dim() == 1:
+        rows = input.reshape(1, num_classes)
+        tgt = target.reshape(1, num_classes) if probs else target.reshape(1)
+        return rows, tgt, ()
+    rows = input.movedim(1, -1).reshape(-1, num_classes)
+    tgt = target.movedim(1, -1).reshape(-1, num_classes) if probs else target.reshape(-1)
+    out_shape = (input.shape[0],) + tuple(input.shape[2:])
+    return rows, tgt, out_shape
+
+
+def _check_target_values(target, valid, num_classes):
+    """Out-of-range class indices: a clear IndexError on CPU (gather asserts on other devices)."""
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    bad = valid & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise IndexError(f"Target {value} is out of bounds for {num_classes} classes.")
+
+
+def _index_rows(rows, target, weight, ignore_index):
+    """For class-index rows: (logp (M, C), logp_y (M,), valid (M,), w_y (M,))."""
+    num_classes = rows.shape[-1]
+    valid = target != ignore_index
+    _check_target_values(target, valid, num_classes)
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    logp = torch.log_softmax(rows, dim=-1)
+    logp_y = logp.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+    if weight is None:
+        w_y = torch.ones_like(logp_y)
+    else:
+        w_y = weight[safe_target]
+    return logp, logp_y, valid, w_y
+
+
+# ---------------------------------------------------------------------------------------------
+# cross_entropy
+# ---------------------------------------------------------------------------------------------
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, *, z_loss=0.0, softcap=None, return_lse=False,
+                  inplace_backward=False):
+    r"""Cross-entropy over class dimension 1: ``torch.nn.functional.cross_entropy`` plus extras.
+
+    Let ``x`` be the logits of one row (the class vector at one position), ``C`` the number of
+    classes, ``x <- softcap * tanh(x / softcap)`` when ``softcap`` is given,
+    ``lse = logsumexp(x)``, ``logp = x - lse``, ``w`` the class weights (all 1 when ``weight`` is
+    None), ``ls = label_smoothing``.
+
+    Class-index targets ``y`` (int64; rows with ``y == ignore_index`` are ignored)::
+
+        loss_row = (1 - ls) * w[y] * (-logp[y]) + (ls / C) * sum_c w[c] * (-logp[c])
+                   + z_loss * w[y] * lse**2                  (0 for ignored rows)
+        'mean' = sum(loss_row) / sum(w[y] over non-ignored rows)    (NaN when all are ignored)
+
+    Class-probability targets ``t`` (floating, the input's shape; ignore_index does not apply)::
+
+        t' = t * (1 - ls) + ls / C
+        loss_row = -sum_c w[c] * t'[c] * logp[c] + z_loss * lse**2
+        'mean' = sum(loss_row) / number of rows  (N * d1 * ... * dk; not the weights)
+
+    'sum' sums the rows; 'none' returns them with shape ``(N, d1, ..., dk)`` (``()`` for an
+    unbatched input ``(C,)``).
+
+    ``return_lse=True`` returns ``(loss, lse)``: the per-row logsumexp of the (softcapped) logits
+    for every row, ignored ones included, in float32 (float64 for float64 input), with the shape
+    of the 'none' loss, detached. ``inplace_backward`` only matters for fused kernels (they may
+    write the gradient into ``input``'s memory); the reference accepts and ignores it.
+
+    Gradients into ignored rows are 0, also in the all-ignored 'mean' case whose value is NaN
+    (torch gives the same); a non-ignored row whose class weight is 0 in a batch whose weights sum
+    to 0 gets a NaN gradient, as in torch.
+    """
+    probs = _check_cross_entropy_args(input, target, weight, ignore_index, reduction,
+                                      label_smoothing, z_loss, softcap)
+    _check_bool(return_lse, "return_lse")
+    _check_bool(inplace_backward, "inplace_backward")
+    label_smoothing = float(label_smoothing)
+    z_loss = float(z_loss)
+
+    acc = _acc_dtype(input.dtype)
+    rows, tgt, out_shape = _to_rows(input, target, probs)
+    rows = rows.to(acc)
+    num_classes = rows.shape[-1]
+    if softcap is not None:
+        rows = softcap * torch.tanh(rows / softcap)
+    w = None if weight is None else weight.to(acc)
+    lse = torch.logsumexp(rows, dim=-1)
+
+    if probs:
+        logp = torch.log_softmax(rows, dim=-1)
+        t = tgt.to(acc)
+        if label_smoothing > 0:
+            t = t * (1.0 - label_smoothing) + label_smoothing / num_classes
+        wt = t if w is None else t * w
+        loss_rows = -(wt * logp).sum(dim=-1)
+        if z_loss > 0:
+            loss_rows = loss_rows + z_loss * lse * lse
+        denominator = loss_rows.shape[0]
+    else:
+        logp, logp_y, valid, w_y = _index_rows(rows, tgt, w, ignore_index)
+        loss_rows = w_y * (-logp_y)
+        if label_smoothing > 0:
+            smooth = -(logp if w is None else logp * w).sum(dim=-1)
+            loss_rows = (1.0 - label_smoothing) * loss_rows + (label_smoothing / num_classes) * smooth
+        if z_loss > 0:
+            loss_rows = loss_rows + z_loss * w_y * lse * lse
+        zero = torch.zeros_like(loss_rows)
+        loss_rows = torch.where(valid, loss_rows, zero)
+        denominator = torch.where(valid, w_y, zero).sum()
+
+    loss = _reduce(loss_rows.reshape(out_shape), reduction, denominator).to(input.dtype)
+    if return_lse:
+        return loss, lse.detach().reshape(out_shape)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_cross_entropy
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                         softcap=None, chunk_size=None):
+    r"""``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` with the class
+    dimension last.
+
+    ``input`` ``(..., H)``, ``linear_weight`` ``(V, H)``, ``linear_bias`` ``(V,)`` or None.
+    ``target``: int64 class indices of shape ``input.shape[:-1]`` (``ignore_index`` applies), or
+    floating class probabilities of shape ``(*input.shape[:-1], V)``. The logits are computed in
+    float32 (float64 for float64 input); 'none' returns shape ``input.shape[:-1]`` (the target's
+    shape for class indices). ``weight``, ``reduction``, ``ignore_index``, ``label_smoothing``,
+    ``z_loss`` and ``softcap`` mean what they mean in :func:`cross_entropy`. ``chunk_size`` (how
+    many rows of logits a fused kernel may hold at once) is accepted and ignored here.
+    """
+    _check_linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight,
+                                     reduction, chunk_size)
+    vocab = linear_weight.shape[0]
+    batch_shape = tuple(input.shape[:-1])
+    # the remaining arguments are checked by cross_entropy
+
+    acc = _acc_dtype(input.dtype)
+    logits = input.to(acc) @ linear_weight.to(acc).T
+    if linear_bias is not None:
+        logits = logits + linear_bias.to(acc)
+    if input.dim() == 1:
+        rows, tgt = logits, target
+    else:
+        rows = logits.reshape(-1, vocab)
+        tgt = target.reshape(-1, vocab) if target.dtype.is_floating_point else target.reshape(-1)
+    loss = cross_entropy(rows, tgt, weight, ignore_index, reduction, label_smoothing,
+                         z_loss=z_loss, softcap=softcap)
+    if reduction == "none":
+        loss = loss.reshape(batch_shape)
+    return loss.to(input.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# sigmoid_focal_loss
+# ---------------------------------------------------------------------------------------------
+
+
+def sigmoid_focal_loss(input, target, alpha=0.25, gamma=2.0, reduction="none", *, weight=None):
+    r"""torchvision's ``sigmoid_focal_loss`` (soft targets allowed) with an optional ``weight``.
+
+    Per element, with logit ``x``, target ``t`` in [0, 1], ``p = sigmoid(x)``::
+
+        ce   = BCEWithLogits(x, t) = t * softplus(-x) + (1 - t) * softplus(x)
+        p_t  = p * t + (1 - p) * (1 - t);   q = 1 - p_t = t * sigmoid(-x) + (1 - t) * sigmoid(x)
+        loss = q**gamma * ce
+        loss = loss * (alpha * t + (1 - alpha) * (1 - t))      if alpha >= 0 (alpha < 0: no term)
+        loss = loss * weight                                    if weight is given (broadcast)
+
+    Computed in log space so that no finite logit gives inf or NaN in the value or the gradient:
+    softplus(-x) = -logsigmoid(x), and
+    ``log q = logaddexp(log t + logsigmoid(-x), log(1 - t) + logsigmoid(x))`` (for a hard target
+    this is exactly ``logsigmoid(-z)`` with ``z = (2t - 1) x``), ``q**gamma = exp(gamma * log q)``;
+    ``gamma = 0`` gives the factor 1 exactly. Reductions: 'none' (default), 'mean' over all
+    elements, 'sum'. ``target`` must have the input's shape and a floating dtype; target values
+    are not range-checked (outside [0, 1] the result is not torchvision's).
+    """
+    _check_float_tensor(input, "input")
+    _check_float_tensor(target, "target")
+    _check_same_device(target, "target", input)
+    if target.shape != input.shape:
+        raise ValueError(
+            f"target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
+        )
+    alpha = _check_real(alpha, "alpha")
+    gamma = _check_gamma(gamma)
+    _check_reduction(reduction)
+    _check_broadcast_weight(weight, input)
+
+    acc = _acc_dtype(input.dtype)
+    x = input.to(acc)
+    t = target.to(acc)
+    log_p = F.logsigmoid(x)         # log sigmoid(x)
+    log_1mp = F.logsigmoid(-x)      # log (1 - sigmoid(x))
+    ce = -(t * log_p + (1.0 - t) * log_1mp)
+    loss = ce
+    if gamma != 0.0:
+        neg_inf = torch.full_like(t, -math.inf)
+        pos = t > 0
+        below_one = t < 1
+        log_t = torch.where(pos, torch.log(torch.where(pos, t, torch.ones_like(t))), neg_inf)
+        log_1mt = torch.where(
+            below_one, torch.log1p(-torch.where(below_one, t, torch.zeros_like(t))), neg_inf
+        )
+        log_q = torch.logaddexp(log_t + log_1mp, log_1mt + log_p)
+        loss = torch.exp(gamma * log_q) * loss
+    if alpha >= 0:
+        loss = (alpha * t + (1.0 - alpha) * (1.0 - t)) * loss
+    if weight is not None:
+        loss = loss * weight.to(acc)
+    return _reduce(loss, reduction).to(input.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax_focal_loss
+# ---------------------------------------------------------------------------------------------
+
+
+def softmax_focal_loss(input, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean"):
+    r"""Multi-class focal loss over class dimension 1, without a one-hot tensor.
+
+    ``input`` ``(N, C)`` or ``(N, C, d1, ..., dk)``; ``target`` int64 ``(N, d1, ..., dk)``.
+    Per element with ``logp = log_softmax(x)``, ``y`` the target class, ``w`` the class weights
+    (1 when None) and ``q = 1 - p_y = -expm1(logp[y])`` (stable when p_y is near 1)::
+
+        loss = -w[y] * q**gamma * logp[y]        (0 where y == ignore_index)
+        'mean' = sum(loss) / sum(w[y] over non-ignored elements)   (NaN when all are ignored)
+
+    ``gamma = 0`` gives exactly the reference :func:`cross_entropy`. ``q**gamma`` is guarded so
+    that ``q = 0`` (p_y == 1) gives a 0 gradient rather than ``inf * 0``.
+    """
+    _check_float_tensor(input, "input")
+    if input.dim() < 2:
+        raise ValueError(
+            f"input must have shape (N, C) or (N, C, d1, ..., dk), got {tuple(input.shape)}"
+        )
+    _check_tensor(target, "target")
+    if target.dtype != torch.int64:
+        raise TypeError(f"target must be an int64 tensor of class indices, got dtype {target.dtype}")
+    gamma = _check_gamma(gamma)
+    _check_cross_entropy_args(input, target, weight, ignore_index, reduction, 0.0, 0.0, None)
+
+    acc = _acc_dtype(input.dtype)
+    rows, tgt, out_shape = _to_rows(input, target, probs=False)
+    rows = rows.to(acc)
+    w = None if weight is None else weight.to(acc)
+    _, logp_y, valid, w_y = _index_rows(rows, tgt, w, ignore_index)
+    loss_rows = w_y * (-logp_y)
+    if gamma != 0.0:
+        q = -torch.expm1(logp_y)
+        nonzero = q > 0
+        factor = torch.where(
+            nonzero, torch.where(nonzero, q, torch.ones_like(q)) ** gamma, torch.zeros_like(q)
+        )
+        loss_rows = loss_rows * factor
+    zero = torch.zeros_like(loss_rows)
+    loss_rows = torch.where(valid, loss_rows, zero)
+    denominator = torch.where(valid, w_y, zero).sum()
+    return _reduce(loss_rows.reshape(out_shape), reduction, denominator).to(input.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# binary_cross_entropy_with_logits
+# ---------------------------------------------------------------------------------------------
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean",
+                                     pos_weight=None):
+    r"""torch's ``binary_cross_entropy_with_logits``.
+
+    Per element with logit ``x``, target ``t`` (soft labels allowed, not range-checked),
+    ``pw = pos_weight`` (broadcast against the trailing dimensions, e.g. (C, 1, 1) for
+    (B, C, H, W)) and ``w = weight`` (broadcastable to the input)::
+
+        loss = w * [(1 - t) * x - (1 + (pw - 1) * t) * logsigmoid(x)]
+
+    without pos_weight: ``w * [(1 - t) * x - logsigmoid(x)]``. 'mean' divides by the number of
+    elements (not by the weights). ValueError when ``target.size() != input.size()``.
+    """
+    _check_float_tensor(input, "input")
+    _check_tensor(target, "target")
+    if target.size() != input.size():
+        raise ValueError(
+            f"Target size ({target.size()}) must be the same as input size ({input.size()})"
+        )
+    _check_float_tensor(target, "target")
+    _check_same_device(target, "target", input)
+    _check_reduction(reduction)
+    _check_broadcast_weight(weight, input, "weight")
+    _check_broadcast_weight(pos_weight, input, "pos_weight")
+
+    acc = _acc_dtype(input.dtype)
+    x = input.to(acc)
+    t = target.to(acc)
+    log_sig = F.logsigmoid(x)
+    if pos_weight is None:
+        loss = (1.0 - t) * x - log_sig
+    else:
+        log_weight = 1.0 + (pos_weight.to(acc) - 1.0) * t
+        loss = (1.0 - t) * x - log_weight * log_sig
+    if weight is not None:
+        loss = loss * weight.to(acc)
+    return _reduce(loss, reduction).to(input.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# total_variation
+# ---------------------------------------------------------------------------------------------
+
+
+def total_variation(input, weight=None, *, norm="l1", eps=0.0, reduction="mean"):
+    r"""Total variation of images ``input`` ``(..., H, W)``.
+
+    ``dv[i, j] = x[i+1, j] - x[i, j]`` (i < H-1), ``dh[i, j] = x[i, j+1] - x[i, j]`` (j < W-1)::
+
+        "l1":         sum_ij w[i, j] * |dv[i, j]|  +  sum_ij w[i, j] * |dh[i, j]|   (anisotropic)
+        "l2_squared": sum_ij w[i, j] * dv[i, j]**2 +  sum_ij w[i, j] * dh[i, j]**2
+        "isotropic":  sum_ij w[i, j] * sqrt(dv[i, j]**2 + dh[i, j]**2 + eps)
+                      over all H x W pixels, a difference past the last row/column counting as 0
+
+    ``weight`` (broadcastable to the input, default 1) multiplies the terms that start at pixel
+    (i, j). For "isotropic" the gradient of the per-pixel norm is taken as 0 where the norm is 0;
+    ``eps >= 0`` applies to "isotropic" only. ``reduction``: 'none' gives one value per image,
+    shape ``input.shape[:-2]``; 'sum'; 'mean' divides the sum by ``input.numel()``.
+    """
+    _check_float_tensor(input, "input")
+    if input.dim() < 2:
+        raise ValueError(f"input must have shape (..., H, W), got {tuple(input.shape)}")
+    if not isinstance(norm, str) or norm not in TV_NORMS:
+        raise ValueError(f"norm must be one of 'l1', 'l2_squared', 'isotropic', got {norm!r}")
+    eps = _check_real(eps, "eps", low=0.0)
+    if eps != 0.0 and norm != "isotropic":
+        raise ValueError(f"eps applies to norm='isotropic' only, got eps={eps} with norm={norm!r}")
+    _check_reduction(reduction)
+    _check_broadcast_weight(weight, input)
+
+    acc = _acc_dtype(input.dtype)
+    x = input.to(acc)
+    w = None if weight is None else weight.to(acc).expand(input.shape)
+    dv = x[..., 1:, :] - x[..., :-1, :]       # (..., H-1, W), starts at (i, j)
+    dh = x[..., :, 1:] - x[..., :, :-1]       # (..., H, W-1), starts at (i, j)
+
+    if norm in ("l1", "l2_squared"):
+        tv_v = dv.abs() if norm == "l1" else dv * dv
+        tv_h = dh.abs() if norm == "l1" else dh * dh
+        if w is not None:
+            tv_v = tv_v * w[..., :-1, :]
+            tv_h = tv_h * w[..., :, :-1]
+        per_image = tv_v.sum(dim=(-2, -1)) + tv_h.sum(dim=(-2, -1))
+    else:
+        dv_full = F.pad(dv, (0, 0, 0, 1))     # zero row after the last
+        dh_full = F.pad(dh, (0, 1, 0, 0))     # zero column after the last
+        nonzero = (dv_full != 0) | (dh_full != 0)
+        # sqrt(dv**2 + dh**2) with a 0 gradient at 0 (hypot avoids under/overflow)
+        r = torch.where(
+            nonzero,
+            torch.hypot(torch.where(nonzero, dv_full, torch.ones_like(dv_full)),
+                        torch.where(nonzero, dh_full, torch.zeros_like(dh_full))),
+            torch.zeros_like(dv_full),
+        )
+        n = r if eps == 0.0 else torch.hypot(r, torch.full_like(r, math.sqrt(eps)))
+        if w is not None:
+            n = n * w
+        per_image = n.sum(dim=(-2, -1))
+
+    if reduction == "none":
+        out = per_image
+    elif reduction == "sum":
+        out = per_image.sum()
+    else:
+        out = per_image.sum() / input.numel()
+    return out.to(input.dtype)
