@@ -1,0 +1,125 @@
+// Cross-entropy per-row math, shared by csrc/cpu/cross_entropy.cpp and csrc/cuda/cross_entropy.cu.
+//
+// Notation for one row r (one (n, d) position of an (N, C, D) input), acc type T (float, or
+// double for float64 inputs):
+//   xs_c  = softcap > 0 ? softcap * tanh(x_c / softcap) : x_c           (the logits actually used)
+//   lse   = log sum_c exp(xs_c)                                          (online: max m, sum s)
+//   p_c   = exp(xs_c - lse)
+// Class-index target y with class weights w (w == 1 without `weight`), smoothing ls, C classes:
+//   loss  = (1-ls) w_y (lse - xs_y) + (ls/C) (W lse - sum_c w_c xs_c) + z w_y lse^2,  W = sum_c w_c
+//   dloss/dxs_j = A p_j - (ls/C) w_j - [j == y] (1-ls) w_y,
+//   A     = (1-ls) w_y + (ls/C) W + 2 z w_y lse
+// Probability target t (t'_c = (1-ls) t_c + ls/C):
+//   loss  = sum_c w_c t'_c (lse - xs_c) + z lse^2
+//   dloss/dxs_j = A p_j - w_j t'_j,   A = sum_c w_c t'_c + 2 z lse
+// Both: dloss/dx_j = dloss/dxs_j * (1 - (xs_j / softcap)^2) with softcap, and loss and gradient
+// are multiplied by the row scale `scale` (1/sum(w_y) for 'mean', else 1). Ignored rows give
+// loss 0 * scale (so an all-ignored 'mean' is NaN, as torch) and gradient 0.
+#pragma once
+
+#include "common.h"
+
+namespace fusedloss {
+namespace ce {
+
+// Online softmax state: running max m and sum s of exp(x - m).
+template <typename T>
+struct OnlineLSE {
+  T m;
+  T s;
+  FL_HOST_DEVICE OnlineLSE() : m(-INFINITY), s(T(0)) {}
+  FL_HOST_DEVICE void update(T x) {
+    T m_new = nan_max(m, x);
+    // m == -inf and x == -inf: keep s (exp(-inf - -inf) would be NaN).
+    if (m_new == -INFINITY) return;
+    s = s * fl_exp(m - m_new) + fl_exp(x - m_new);
+    m = m_new;
+  }
+  // Merge a partial state (another block's, another thread's, another rank's).
+  FL_HOST_DEVICE void merge(T m2, T s2) {
+    T m_new = nan_max(m, m2);
+    if (m_new == -INFINITY) return;
+    s = s * fl_exp(m - m_new) + s2 * fl_exp(m2 - m_new);
+    m = m_new;
+  }
+  FL_HOST_DEVICE T lse() const { return m + fl_log(s); }
+};
+
+template <typename T>
+FL_HOST_DEVICE T softcap_fwd(T x, T softcap) {
+  return softcap > T(0) ? softcap * fl_tanh(x / softcap) : x;
+}
+
+// d xs / d x expressed through xs itself, so the backward needs no second tanh.
+template <typename T>
+FL_HOST_DEVICE T softcap_grad(T xs, T softcap) {
+  if (softcap <= T(0)) return T(1);
+  T u = xs / softcap;
+  return T(1) - u * u;
+}
+
+// Row coefficients of the class-index gradient; see the notation at the top of the file.
+template <typename T>
+struct IndexRow {
+  T A;         // multiplies p_j
+  T smooth;    // (ls / C): multiplies w_j, subtracted from every column
+  T target;    // (1 - ls) w_y: subtracted at the target column
+  T loss;      // unscaled row loss
+};
+
+// lse: the row's logsumexp; xs_y: softcapped target logit; wy: weight of the target class;
+// W: sum of class weights (C without weight); sum_wx: sum_c w_c xs_c (only read when ls > 0).
+template <typename T>
+FL_HOST_DEVICE IndexRow<T> index_row(T lse, T xs_y, T wy, T W, T sum_wx, T ls, T z, long C) {
+  IndexRow<T> r;
+  r.smooth = ls / T(C);
+  r.target = (T(1) - ls) * wy;
+  r.A = r.target + r.smooth * W + T(2) * z * wy * lse;
+  r.loss = r.target * (lse - xs_y) + z * wy * lse * lse;
+  if (ls > T(0)) r.loss += r.smooth * (W * lse - sum_wx);
+  return r;
+}
+
+// Gradient with respect to the softcapped logit at a non-target column.
+template <typename T>
+FL_HOST_DEVICE T index_grad(const IndexRow<T>& r, T xs, T lse, T w) {
+  return r.A * fl_exp(xs - lse) - r.smooth * w;
+}
+
+// At the target column p_y is close to 1 for a confident prediction, and A p_y - target loses all
+// its digits when p_y is rounded first (Liger PR 1329). Written as A (p_y - 1) + (A - target) with
+// p_y - 1 = expm1(xs_y - lse), it keeps full relative accuracy.
+template <typename T>
+FL_HOST_DEVICE T index_grad_target(const IndexRow<T>& r, T xs_y, T lse, T wy) {
+  return r.A * fl_expm1(xs_y - lse) + (r.A - r.target - r.smooth * wy);
+}
+
+// Probability targets: per-row sums gathered in the first pass over the row.
+template <typename T>
+struct ProbRow {
+  T A;     // multiplies p_j
+  T loss;  // unscaled row loss
+};
+
+// sum_wt = sum_c w_c t'_c, sum_wtx = sum_c w_c t'_c xs_c.
+template <typename T>
+FL_HOST_DEVICE ProbRow<T> prob_row(T lse, T sum_wt, T sum_wtx, T z) {
+  ProbRow<T> r;
+  r.A = sum_wt + T(2) * z * lse;
+  r.loss = sum_wt * lse - sum_wtx + z * lse * lse;
+  return r;
+}
+
+template <typename T>
+FL_HOST_DEVICE T smoothed_prob(T t, T ls, long C) {
+  return (T(1) - ls) * t + ls / T(C);
+}
+
+// wt = w_j t'_j.
+template <typename T>
+FL_HOST_DEVICE T prob_grad(const ProbRow<T>& r, T xs, T lse, T wt) {
+  return r.A * fl_exp(xs - lse) - wt;
+}
+
+}  // namespace ce
+}  // namespace fusedloss

@@ -1,0 +1,31 @@
+// Schemas of the device kernels behind fusedloss's custom ops (fusedloss/ops/*.py). Each schema is
+// defined once here; csrc/cpu/*.cpp and csrc/cuda/*.cu register the kernels for their device with
+// TORCH_LIBRARY_IMPL. The Python layer owns autograd, fake kernels and argument checks.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing fusedloss._C (after torch) runs the static registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(fusedloss_C, m) {
+  // input: (N, C, D), any strides; target: int64 (N, D) class indices or input-shaped (N, C, D)
+  // probabilities; weight: (C,) in the accumulation dtype; grad_scale: 0-d, multiplies every row's
+  // loss and gradient. Returns per-row loss and lse (N, D) in the accumulation dtype (float32, or
+  // float64 for float64 input) and, with compute_grad, d(loss)/d(input) as a contiguous (N, C, D)
+  // tensor of input's dtype (else an empty tensor). softcap <= 0 means off.
+  m.def(
+      "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? grad_scale, "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, bool compute_grad) "
+      "-> (Tensor loss, Tensor lse, Tensor grad)");
+  // As cross_entropy_fwd with compute_grad, but the gradient overwrites input (same strides).
+  m.def(
+      "cross_entropy_fwd_inplace(Tensor(a!) input, Tensor target, Tensor? weight, "
+      "Tensor? grad_scale, int ignore_index, float label_smoothing, float z_loss, float softcap) "
+      "-> (Tensor loss, Tensor lse)");
+  // grad (N, C, D) *= grad_loss (N, D) broadcast over C. grad_loss may be an expanded (stride 0)
+  // tensor: then it is one scalar, and a scalar equal to 1 leaves grad untouched (no pass over it).
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_loss) -> ()");
+}
