@@ -1,0 +1,110 @@
+"""Backend selection (DESIGN.md section 2): which implementation runs a call.
+
+``backend="auto"`` (or the ``FUSEDLOSS_BACKEND`` environment variable): CUDA tensor -> triton, else
+cuda, else reference; CPU tensor -> cpu, else reference with one warning. An explicit backend that
+cannot run raises a RuntimeError saying why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install triton)"
+    if torch.cuda.is_available():
+        return True, "triton on CUDA tensors"
+    if _interpreting():
+        return True, "TRITON_INTERPRET=1: Triton interpreter on CPU tensors (slow; for tests)"
+    return False, "no CUDA device (set TRITON_INTERPRET=1 before importing fusedloss to interpret)"
+
+
+def status() -> dict[str, tuple[bool, str]]:
+    """(available, why) for every backend, as ``fusedloss.backends()`` reports it."""
+    out = {"triton": _triton_status()}
+    if not _ext.available():
+        out["cuda"] = (False, _ext.error or "fusedloss._C is not built")
+        out["cpu"] = (False, _ext.error or "fusedloss._C is not built")
+    else:
+        if not _ext.has_kernel("cross_entropy_fwd", "CUDA"):
+            out["cuda"] = (False, "fusedloss._C was built without CUDA sources "
+                           "(needs a CUDA build of torch and CUDA_HOME at build time)")
+        elif not torch.cuda.is_available():
+            out["cuda"] = (False, "fusedloss._C has CUDA kernels but no CUDA device is available")
+        else:
+            out["cuda"] = (True, "fusedloss._C CUDA kernels")
+        if _ext.has_kernel("cross_entropy_fwd", "CPU"):
+            cap = torch.backends.cpu.get_cpu_capability()
+            out["cpu"] = (True, f"fusedloss._C CPU kernels ({cap})")
+        else:
+            out["cpu"] = (False, "fusedloss._C has no CPU kernels")
+    out["reference"] = (True, "pure PyTorch (fusedloss.reference); slow, for checking")
+    return out
+
+
+_warned_fallback = False
+
+
+def _warn_fallback(why: str) -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(f"fusedloss: using the slow reference implementation: {why}", stacklevel=4)
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The backend that runs a call on ``device``; raises RuntimeError if it cannot run."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("FUSEDLOSS_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS and backend != "auto":
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; "
+                         f"got {backend!r}")
+    st = status()
+    if backend == "auto":
+        if device.type == "cuda":
+            for name in ("triton", "cuda"):
+                if st[name][0]:
+                    return name
+            _warn_fallback("neither the triton nor the cuda backend is available: "
+                           f"{st['triton'][1]}; {st['cuda'][1]}")
+            return "reference"
+        if device.type == "cpu" and st["cpu"][0]:
+            return "cpu"
+        _warn_fallback(st["cpu"][1] if device.type == "cpu" else
+                       f"no fused backend for {device.type} tensors")
+        return "reference"
+    ok, why = st[backend]
+    if not ok:
+        raise RuntimeError(f"fusedloss: backend {backend!r} is not available: {why}")
+    if backend == "cpu" and device.type != "cpu":
+        raise RuntimeError(f"fusedloss: backend 'cpu' needs CPU tensors, got a {device.type} tensor")
+    if backend == "cuda" and device.type != "cuda":
+        raise RuntimeError(f"fusedloss: backend 'cuda' needs CUDA tensors, got a {device.type} tensor")
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        raise RuntimeError(f"fusedloss: backend 'triton' needs CUDA tensors (or CPU tensors with "
+                           f"TRITON_INTERPRET=1), got a {device.type} tensor")
+    return backend
+
+
+def kernels(loss: str, backend: str):
+    """The module-like object holding ``loss``'s kernel functions for a fused backend."""
+    if backend == "triton":
+        return importlib.import_module(f"fusedloss.kernels.{loss}")
+    return torch.ops.fusedloss_C  # cpu and cuda: the dispatcher picks the device kernel

@@ -1,0 +1,191 @@
+"""The public loss functions: check arguments, choose a backend, call the op, reduce.
+
+Signatures and semantics: DESIGN.md section 3; ``fusedloss.reference`` is their executable spec.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _backend, reference
+from .reference import _check_cross_entropy_args, _check_linear_cross_entropy_args
+from .ops import cross_entropy as _ce_ops
+from .ops import linear_cross_entropy as _lce_ops
+
+__all__ = ["cross_entropy", "linear_cross_entropy"]
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    return_lse: bool = False,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+):
+    """Fused ``torch.nn.functional.cross_entropy`` (log-softmax + NLL in one pass).
+
+    Same arguments and results as torch for class-index targets with input ``(N, C)``,
+    ``(N, C, d1, ..., dk)`` or ``(C,)``, and class-probability targets of input's shape, plus:
+
+    - ``z_loss``: adds ``z_loss * w[y] * lse**2`` to each non-ignored row (PaLM's z-loss).
+    - ``softcap``: logits become ``softcap * tanh(x / softcap)`` first (Gemma 2).
+    - ``return_lse``: also return the per-row logsumexp (float32, no gradient).
+    - ``inplace_backward``: the gradient is stored in ``input``'s memory during the forward;
+      ``input`` must not be used afterwards (the logits of an ``lm_head``).
+    - ``backend``: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
+
+    The gradient is computed in the forward when ``input`` requires grad, so backward is a scale
+    by the upstream gradient (skipped when it is 1). Loss is returned in input's dtype; all math
+    is float32 (float64 for float64 input).
+    """
+    prob = _check_cross_entropy_args(input, target, weight, ignore_index, reduction,
+                                     label_smoothing, z_loss, softcap)
+    name = _backend.resolve(backend, input.device)
+    if name == "reference":
+        return reference.cross_entropy(input, target, weight, ignore_index, reduction,
+                                       label_smoothing, z_loss=z_loss, softcap=softcap,
+                                       return_lse=return_lse, inplace_backward=inplace_backward)
+    if prob and target.requires_grad:
+        raise NotImplementedError("fusedloss.cross_entropy: a gradient with respect to "
+                                  "probability targets is not supported; detach target or use "
+                                  "backend='reference'")
+
+    unbatched = input.dim() == 1
+    if unbatched:
+        input, target = input.unsqueeze(0), target.unsqueeze(0)
+    n, c = input.shape[0], input.shape[1]
+    spatial = tuple(input.shape[2:])
+    d = _numel(spatial)
+    x = input.reshape(n, c, d)
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    if prob:
+        tgt = target.to(input.dtype).reshape(n, c, d)
+    else:
+        tgt = target.reshape(n, d).contiguous()
+    w = None if weight is None else weight.to(acc).contiguous()
+
+    grad_scale = None
+    if reduction == "mean":
+        grad_scale = _mean_scale(tgt, w, ignore_index, n * d, c, prob, acc)
+
+    needs_grad = torch.is_grad_enabled() and input.requires_grad
+    cap = 0.0 if softcap is None else float(softcap)
+    args = (tgt, w, grad_scale, ignore_index, float(label_smoothing), float(z_loss), cap)
+    if needs_grad and inplace_backward:
+        loss, lse = _ce_ops.CrossEntropyInplace.apply(x, *args, name)
+    else:
+        loss, lse, _ = _ce_ops.cross_entropy_fwd(x, *args, needs_grad, name)
+
+    out_shape = () if unbatched else (n,) + spatial
+    if reduction == "none":
+        loss = loss.reshape(out_shape)
+    else:
+        loss = loss.sum()  # 'mean' rows already carry 1/sum(w_y)
+        if reduction == "mean" and n * d == 0:
+            loss = loss * grad_scale  # torch's NaN for the mean of an empty batch
+    loss = loss.to(input.dtype)
+    if return_lse:
+        return loss, lse.reshape(out_shape)
+    return loss
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without ever holding
+    more than ``chunk_size x V`` logits (the ``lm_head`` + loss of an LLM in one op).
+
+    ``input`` is ``(..., H)``, ``linear_weight`` ``(V, H)``, ``target`` ``(...)`` class indices.
+    Tokens whose target is ``ignore_index`` are dropped before the matmul. ``chunk_size=None``
+    picks the number of tokens per chunk so that a chunk of logits takes about as much memory as
+    ``linear_weight`` (at least 1 token); any positive value works. Gradients flow to ``input``,
+    ``linear_weight`` and ``linear_bias``; half-precision weight gradients accumulate in float32
+    and are cast once at the end. Other arguments as in :func:`cross_entropy`.
+    """
+    prob = _check_linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight,
+                                            reduction, chunk_size)
+    # cross_entropy's own arguments, checked on an empty stand-in of the logits
+    _check_cross_entropy_args(input.new_empty(0, linear_weight.shape[0]),
+                              torch.empty(0, dtype=torch.int64, device=input.device), weight,
+                              ignore_index, reduction, label_smoothing, z_loss, softcap)
+    name = _backend.resolve(backend, input.device)
+    if name == "reference":
+        return reference.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            z_loss=z_loss, softcap=softcap, chunk_size=chunk_size)
+    if prob:
+        raise NotImplementedError("fusedloss.linear_cross_entropy: class-probability targets "
+                                  "need the full logits; use backend='reference' or "
+                                  "cross_entropy on the logits")
+    batch_shape = tuple(input.shape[:-1])
+    x = input.reshape(-1, input.shape[-1])
+    t = target.reshape(-1)
+    n, v = x.shape[0], linear_weight.shape[0]
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    w = None if weight is None else weight.to(acc).contiguous()
+    if chunk_size is None:
+        budget = linear_weight.numel() * linear_weight.element_size()
+        chunk_size = max(1, budget // max(1, v * input.element_size()))
+    grad_scale = _mean_scale(t, w, ignore_index, n, v, False, acc) if reduction == "mean" else None
+    needs_grad = torch.is_grad_enabled() and any(
+        a is not None and a.requires_grad for a in (input, linear_weight, linear_bias))
+    # 'none' gets a different upstream gradient per token: its backward recomputes.
+    compute_grad = needs_grad and reduction != "none"
+    loss, _, _, _, _ = _lce_ops.linear_cross_entropy_fwd(
+        x, linear_weight, linear_bias, t, w, grad_scale, ignore_index, float(label_smoothing),
+        float(z_loss), 0.0 if softcap is None else float(softcap), int(chunk_size), compute_grad,
+        name)
+    if reduction == "none":
+        return loss.reshape(batch_shape).to(input.dtype)
+    out = loss.sum()
+    if reduction == "mean" and n == 0:
+        out = out * grad_scale  # torch's NaN for the mean of an empty batch
+    return out.to(input.dtype)
+
+
+def _numel(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def _mean_scale(target: Tensor, weight: Optional[Tensor], ignore_index: int, rows: int,
+                n_classes: int, prob: bool, acc: torch.dtype) -> Tensor:
+    """1 / (the 'mean' denominator) as a 0-d tensor, computed on the device (no host sync):
+    the row count for probability targets, else the sum of w[y] over non-ignored rows (0 when
+    all are ignored, giving torch's NaN)."""
+    if prob:
+        return torch.full((), 1.0 / rows if rows else float("inf"), dtype=acc,
+                          device=target.device)
+    valid = target != ignore_index
+    if weight is None:
+        total = valid.sum(dtype=acc)
+    else:
+        # Clamped only so this gather stays in bounds; the kernel rejects bad targets.
+        wy = weight.gather(0, target.clamp(0, max(n_classes - 1, 0)).reshape(-1))
+        total = torch.where(valid.reshape(-1), wy, 0).sum(dtype=acc)
+    return total.reciprocal()

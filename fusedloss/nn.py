@@ -1,0 +1,86 @@
+"""nn.Module wrappers, named and shaped like torch.nn's."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """Drop-in for ``torch.nn.CrossEntropyLoss`` (same constructor arguments, same results), with
+    fusedloss's extras: ``z_loss``, ``softcap``, ``return_lse``, ``inplace_backward``, ``backend``.
+    ``weight`` is a buffer, as in torch, so it follows ``.to()``."""
+
+    def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100,
+                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 z_loss: float = 0.0, softcap: Optional[float] = None, return_lse: bool = False,
+                 inplace_backward: bool = False, backend: str = "auto"):
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.return_lse = return_lse
+        self.inplace_backward = inplace_backward
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor):
+        return F.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
+                               self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+                               return_lse=self.return_lse, inplace_backward=self.inplace_backward,
+                               backend=self.backend)
+
+    def extra_repr(self) -> str:
+        extras = [f"ignore_index={self.ignore_index}", f"reduction={self.reduction!r}"]
+        if self.label_smoothing:
+            extras.append(f"label_smoothing={self.label_smoothing}")
+        if self.z_loss:
+            extras.append(f"z_loss={self.z_loss}")
+        if self.softcap is not None:
+            extras.append(f"softcap={self.softcap}")
+        if self.inplace_backward:
+            extras.append("inplace_backward=True")
+        return ", ".join(extras)
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """``lm_head`` + cross-entropy in one op that never materialises the logits.
+
+    Takes the projection weight at call time, so a tied embedding (``emb.weight``) works::
+
+        loss_fn = fusedloss.nn.LinearCrossEntropyLoss(ignore_index=-100)
+        loss = loss_fn(hidden, model.lm_head.weight, labels)   # hidden (..., H), labels (...)
+    """
+
+    def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                 softcap: Optional[float] = None, chunk_size: Optional[int] = None,
+                 backend: str = "auto"):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+        self.backend = backend
+
+    def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
+                linear_bias: Optional[Tensor] = None) -> Tensor:
+        return F.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
+                                      weight=self.weight, reduction=self.reduction,
+                                      ignore_index=self.ignore_index,
+                                      label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+                                      softcap=self.softcap, chunk_size=self.chunk_size,
+                                      backend=self.backend)

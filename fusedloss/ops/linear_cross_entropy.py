@@ -1,0 +1,164 @@
+"""torch.library custom op for linear cross-entropy: CE(input @ W.T + b) without the full logits.
+
+Tokens are processed in chunks. Per chunk: logits by torch's matmul, then the backend's fused CE
+kernel in place (``cross_entropy_fwd_inplace``) turns them into d(loss)/d(logits), then
+``grad_input[chunk] = g @ W`` and ``grad_W += g.T @ input[chunk]`` (and ``grad_b``). At most
+``chunk_size x V`` logits exist at a time. Ignored tokens are dropped before the matmul.
+
+For 'mean' and 'sum' the gradients are produced in the forward, so the backward is only a scale by
+the scalar upstream gradient (skipped when it is 1). For 'none' the upstream gradient differs per
+token and the weight gradient cannot be rescaled afterwards: the backward recomputes the chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .cross_entropy import _acc_dtype, _scaled_grad, scale_grad_
+from .. import _backend
+
+
+def _chunks(n: int, chunk_size: int):
+    for start in range(0, n, chunk_size):
+        yield start, min(start + chunk_size, n)
+
+
+def _kept_rows(target: Tensor, ignore_index: int) -> Tensor:
+    # Data-dependent (a host sync on CUDA), but inside an opaque op: compile sees one node.
+    return (target != ignore_index).nonzero().squeeze(1)
+
+
+def _run(input, linear_weight, linear_bias, target, weight, grad_scale, row_scale, ignore_index,
+         label_smoothing, z_loss, softcap, chunk_size, compute_grad, backend):
+    """Loss and lse per token and, with compute_grad, the three gradients. row_scale: None, or the
+    per-token upstream gradient (backward of 'none'), applied to the gradients only."""
+    n, h = input.shape
+    acc = _acc_dtype(input.dtype)
+    kernels = _backend.kernels("cross_entropy", backend)
+    loss = torch.zeros(n, dtype=acc, device=input.device)
+    if grad_scale is not None:
+        loss = loss * grad_scale  # ignored tokens give 0 * scale: NaN for an all-ignored 'mean'
+    lse = torch.zeros(n, dtype=acc, device=input.device)
+    grad_input = grad_weight = grad_bias = None
+    if compute_grad:
+        grad_input = torch.zeros_like(input)
+        grad_weight = torch.zeros(linear_weight.shape, dtype=acc, device=input.device)
+        if linear_bias is not None:
+            grad_bias = torch.zeros(linear_bias.shape, dtype=acc, device=input.device)
+    rows = _kept_rows(target, ignore_index)
+    for start, stop in _chunks(rows.numel(), chunk_size):
+        idx = rows[start:stop]
+        x = input.index_select(0, idx)
+        t = target.index_select(0, idx).unsqueeze(1)
+        if linear_bias is None:
+            logits = x @ linear_weight.T
+        else:
+            logits = torch.addmm(linear_bias, x, linear_weight.T)
+        view = logits.unsqueeze(2)  # (rows, V, 1): the CE kernels' (N, C, D) layout
+        args = (t, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap)
+        if compute_grad:
+            l_c, lse_c = kernels.cross_entropy_fwd_inplace(view, *args)
+            if row_scale is not None:
+                scale_grad_(view, row_scale.index_select(0, idx).unsqueeze(1), backend)
+            g = logits  # now d(loss)/d(logits)
+            grad_input.index_copy_(0, idx, g @ linear_weight)
+            if g.dtype == acc:
+                grad_weight.addmm_(g.T, x)
+            else:  # half: each chunk's product is rounded once, the sum over chunks is fp32
+                grad_weight += (g.T @ x).to(acc)
+            if grad_bias is not None:
+                grad_bias += g.sum(0, dtype=acc)
+        else:
+            l_c, lse_c, _ = kernels.cross_entropy_fwd(view, *args, False)
+        loss.index_copy_(0, idx, l_c.squeeze(1))
+        lse.index_copy_(0, idx, lse_c.squeeze(1))
+    if compute_grad:
+        grad_weight = grad_weight.to(linear_weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(linear_bias.dtype)
+    return loss, lse, grad_input, grad_weight, grad_bias
+
+
+@torch.library.custom_op("fusedloss::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    grad_scale: Optional[Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    chunk_size: int,
+    compute_grad: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """input (N, H), linear_weight (V, H), target (N,). Returns per-token loss and lse and, with
+    compute_grad, the gradients of input, linear_weight and linear_bias (else empty tensors)."""
+    loss, lse, gi, gw, gb = _run(input, linear_weight, linear_bias, target, weight, grad_scale,
+                                 None, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
+                                 compute_grad, backend)
+    # Each absent gradient is its own empty tensor: outputs may not alias each other.
+    return (loss, lse, _or_empty(gi, input), _or_empty(gw, input), _or_empty(gb, input))
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(input, linear_weight, linear_bias, target, weight, grad_scale, ignore_index,
+      label_smoothing, z_loss, softcap, chunk_size, compute_grad, backend):
+    acc = _acc_dtype(input.dtype)
+    n = input.shape[0]
+    gi = torch.empty_like(input) if compute_grad else input.new_empty(0)
+    gw = torch.empty_like(linear_weight) if compute_grad else input.new_empty(0)
+    has_gb = compute_grad and linear_bias is not None
+    gb = torch.empty_like(linear_bias) if has_gb else input.new_empty(0)
+    return input.new_empty(n, dtype=acc), input.new_empty(n, dtype=acc), gi, gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    (input, linear_weight, linear_bias, target, weight, grad_scale, ignore_index, label_smoothing,
+     z_loss, softcap, chunk_size, compute_grad, backend) = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.precomputed = compute_grad
+    ctx.has_bias = linear_bias is not None
+    ctx.args = (ignore_index, label_smoothing, z_loss, softcap, chunk_size, backend)
+    if compute_grad:
+        ctx.save_for_backward(*output[2:])
+    else:  # 'none': recompute in backward
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, grad_scale)
+
+
+def _scale_(t: Tensor, g: Tensor, backend: str) -> Tensor:
+    """t times the scalar upstream gradient g (expanded over tokens), as in cross-entropy."""
+    return _scaled_grad(t.view(1, -1, 1), g.as_strided((1, 1), (0, 0)), backend,
+                        inplace=False).view(t.shape)
+
+
+def _backward(ctx, grad_loss, grad_lse, gi, gw, gb):
+    if grad_loss is None:
+        return (None,) * 13
+    ignore_index, label_smoothing, z_loss, softcap, chunk_size, backend = ctx.args
+    if ctx.precomputed:
+        grad_input, grad_weight, grad_bias = ctx.saved_tensors
+        # 'mean'/'sum': the op's losses are summed, so the upstream gradient is one scalar.
+        grad_input = _scale_(grad_input, grad_loss, backend)
+        grad_weight = _scale_(grad_weight, grad_loss, backend)
+        grad_bias = _scale_(grad_bias, grad_loss, backend) if ctx.has_bias else None
+    else:
+        input, linear_weight, linear_bias, target, weight, grad_scale = ctx.saved_tensors
+        _, _, grad_input, grad_weight, grad_bias = _run(
+            input, linear_weight, linear_bias, target, weight, grad_scale,
+            grad_loss.to(_acc_dtype(input.dtype)).contiguous(), ignore_index, label_smoothing,
+            z_loss, softcap, chunk_size, True, backend)
+    return (grad_input, grad_weight, grad_bias) + (None,) * 10
+
+
+linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
