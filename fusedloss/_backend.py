@@ -71,6 +71,13 @@ def resolve(backend: str, device: torch.device) -> str:
     """The backend that runs a call on ``device``; raises RuntimeError if it cannot run."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    return _resolve(backend, device.type)
+
+
+# Depends only on its strings and on facts fixed for the process, so under torch.compile it is
+# evaluated once while tracing and becomes a constant (no graph break on the dispatcher queries).
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str) -> str:
     if backend == "auto":
         backend = os.environ.get("FUSEDLOSS_BACKEND", "auto") or "auto"
     if backend not in BACKENDS and backend != "auto":
@@ -78,28 +85,29 @@ def resolve(backend: str, device: torch.device) -> str:
                          f"got {backend!r}")
     st = status()
     if backend == "auto":
-        if device.type == "cuda":
+        if device_type == "cuda":
             for name in ("triton", "cuda"):
                 if st[name][0]:
                     return name
             _warn_fallback("neither the triton nor the cuda backend is available: "
                            f"{st['triton'][1]}; {st['cuda'][1]}")
             return "reference"
-        if device.type == "cpu" and st["cpu"][0]:
+        if device_type == "cpu" and st["cpu"][0]:
             return "cpu"
-        _warn_fallback(st["cpu"][1] if device.type == "cpu" else
-                       f"no fused backend for {device.type} tensors")
+        _warn_fallback(st["cpu"][1] if device_type == "cpu" else
+                       f"no fused backend for {device_type} tensors")
         return "reference"
     ok, why = st[backend]
     if not ok:
         raise RuntimeError(f"fusedloss: backend {backend!r} is not available: {why}")
-    if backend == "cpu" and device.type != "cpu":
-        raise RuntimeError(f"fusedloss: backend 'cpu' needs CPU tensors, got a {device.type} tensor")
-    if backend == "cuda" and device.type != "cuda":
-        raise RuntimeError(f"fusedloss: backend 'cuda' needs CUDA tensors, got a {device.type} tensor")
-    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+    if backend == "cpu" and device_type != "cpu":
+        raise RuntimeError(f"fusedloss: backend 'cpu' needs CPU tensors, got a {device_type} tensor")
+    if backend == "cuda" and device_type != "cuda":
+        raise RuntimeError(f"fusedloss: backend 'cuda' needs CUDA tensors, got a {device_type} tensor")
+    if backend == "triton" and device_type != "cuda" and not (
+            device_type == "cpu" and _interpreting()):
         raise RuntimeError(f"fusedloss: backend 'triton' needs CUDA tensors (or CPU tensors with "
-                           f"TRITON_INTERPRET=1), got a {device.type} tensor")
+                           f"TRITON_INTERPRET=1), got a {device_type} tensor")
     return backend
 
 
