@@ -49,10 +49,20 @@ def _run(input, linear_weight, linear_bias, target, weight, grad_scale, row_scal
         if linear_bias is not None:
             grad_bias = torch.zeros(linear_bias.shape, dtype=acc, device=input.device)
     rows = _kept_rows(target, ignore_index)
+    all_kept = rows.numel() == n  # no padding: chunks are plain slices, nothing to gather
+    xs = input if all_kept else input.index_select(0, rows)
+    ts = target if all_kept else target.index_select(0, rows)
+    scales = None
+    if row_scale is not None:
+        scales = row_scale if all_kept else row_scale.index_select(0, rows)
+    loss_k = torch.empty(rows.numel(), dtype=acc, device=input.device)
+    lse_k = torch.empty(rows.numel(), dtype=acc, device=input.device)
+    grad_k = None
+    if compute_grad:
+        grad_k = grad_input if all_kept else input.new_empty(xs.shape)
     for start, stop in _chunks(rows.numel(), chunk_size):
-        idx = rows[start:stop]
-        x = input.index_select(0, idx)
-        t = target.index_select(0, idx).unsqueeze(1)
+        x = xs[start:stop]
+        t = ts[start:stop].unsqueeze(1)
         if linear_bias is None:
             logits = x @ linear_weight.T
         else:
@@ -61,10 +71,10 @@ def _run(input, linear_weight, linear_bias, target, weight, grad_scale, row_scal
         args = (t, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap)
         if compute_grad:
             l_c, lse_c = kernels.cross_entropy_fwd_inplace(view, *args)
-            if row_scale is not None:
-                scale_grad_(view, row_scale.index_select(0, idx).unsqueeze(1), backend)
+            if scales is not None:
+                scale_grad_(view, scales[start:stop].unsqueeze(1), backend)
             g = logits  # now d(loss)/d(logits)
-            grad_input.index_copy_(0, idx, g @ linear_weight)
+            torch.mm(g, linear_weight, out=grad_k[start:stop])
             if g.dtype == acc:
                 grad_weight.addmm_(g.T, x)
             else:  # half: each chunk's product is rounded once, the sum over chunks is fp32
@@ -73,8 +83,15 @@ def _run(input, linear_weight, linear_bias, target, weight, grad_scale, row_scal
                 grad_bias += g.sum(0, dtype=acc)
         else:
             l_c, lse_c, _ = kernels.cross_entropy_fwd(view, *args, False)
-        loss.index_copy_(0, idx, l_c.squeeze(1))
-        lse.index_copy_(0, idx, lse_c.squeeze(1))
+        loss_k[start:stop] = l_c.squeeze(1)
+        lse_k[start:stop] = lse_c.squeeze(1)
+    if all_kept:
+        loss, lse = loss_k, lse_k
+    else:
+        loss.index_copy_(0, rows, loss_k)
+        lse.index_copy_(0, rows, lse_k)
+        if compute_grad:
+            grad_input.index_copy_(0, rows, grad_k)
     if compute_grad:
         grad_weight = grad_weight.to(linear_weight.dtype)
         if grad_bias is not None:
