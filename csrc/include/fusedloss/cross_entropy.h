@@ -69,15 +69,24 @@ struct IndexRow {
 
 // lse: the row's logsumexp; xs_y: softcapped target logit; wy: weight of the target class;
 // W: sum of class weights (C without weight); sum_wx: sum_c w_c xs_c (only read when ls > 0).
+// index_row with lse - xs_y passed in: a kernel that has lse as m + log(s) (m the row max) can
+// compute it as (m - xs_y) + log(s), which keeps its digits when the logits are large (|x| ~ 100:
+// the rounding of lse alone is then ~1e-5).
 template <typename T>
-FL_HOST_DEVICE IndexRow<T> index_row(T lse, T xs_y, T wy, T W, T sum_wx, T ls, T z, long C) {
+FL_HOST_DEVICE IndexRow<T> index_row_diff(T lse, T lse_minus_xs_y, T wy, T W, T sum_wx, T ls, T z,
+                                          long C) {
   IndexRow<T> r;
   r.smooth = ls / T(C);
   r.target = (T(1) - ls) * wy;
   r.A = r.target + r.smooth * W + T(2) * z * wy * lse;
-  r.loss = r.target * (lse - xs_y) + z * wy * lse * lse;
+  r.loss = r.target * lse_minus_xs_y + z * wy * lse * lse;
   if (ls > T(0)) r.loss += r.smooth * (W * lse - sum_wx);
   return r;
+}
+
+template <typename T>
+FL_HOST_DEVICE IndexRow<T> index_row(T lse, T xs_y, T wy, T W, T sum_wx, T ls, T z, long C) {
+  return index_row_diff(lse, lse - xs_y, wy, W, sum_wx, ls, z, C);
 }
 
 // Gradient with respect to the softcapped logit at a non-target column.
@@ -92,6 +101,12 @@ FL_HOST_DEVICE T index_grad(const IndexRow<T>& r, T xs, T lse, T w) {
 template <typename T>
 FL_HOST_DEVICE T index_grad_target(const IndexRow<T>& r, T xs_y, T lse, T wy) {
   return r.A * fl_expm1(xs_y - lse) + (r.A - r.target - r.smooth * wy);
+}
+
+// The same with xs_y - lse passed in (see index_row_diff).
+template <typename T>
+FL_HOST_DEVICE T index_grad_target_diff(const IndexRow<T>& r, T xs_y_minus_lse, T wy) {
+  return r.A * fl_expm1(xs_y_minus_lse) + (r.A - r.target - r.smooth * wy);
 }
 
 // Probability targets: per-row sums gathered in the first pass over the row.
