@@ -1,0 +1,1074 @@
+// Cross-entropy CPU kernels (docs/KERNELS.md), compiled once per instruction set by setup.py with
+// -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512 (see cpu_isa.h); the bindings are in cross_entropy.cpp.
+//
+// Three paths, by the layout of the (N, C, D) input:
+//  - rows: class stride 1 (the (N, C) logits of a language model). Per row, pass 1 reads the row
+//    once from memory in L1-sized chunks, each chunk twice: its max (lane-wise, NaN-propagating),
+//    then the sum of exp(x - max) into several independent accumulators (plus the sums label
+//    smoothing or probability targets need); pass 2 writes the gradient once while the row is
+//    still in L2. A softcapped row is first staged as softcapped float logits in a per-thread row
+//    buffer, so the tanh is evaluated once per element.
+//  - spatial: spatial stride 1 and D > 1 (segmentation logits (N, C, H*W)). A tile of consecutive
+//    positions is one vector pair; the tile's C x pair logits are staged in a small buffer
+//    (converted, softcapped) and every lane runs its own softmax over c.
+//  - generic: any other strides. Each row is gathered into a buffer and goes through the rows path.
+// All math in float (double for double input); the per-row formulas are the shared header's.
+#include "cross_entropy_kernel.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <fusedloss/cross_entropy.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <type_traits>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#ifndef CPU_CAPABILITY
+#error "cross_entropy_kernel.cpp is compiled once per ISA by setup.py (-DCPU_CAPABILITY=...)"
+#endif
+
+namespace fusedloss::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccOf<T>::type;
+
+// exp: ATen's polynomial with <= 20 ulp for float (exact at 0, 0 below the float range), Sleef's
+// 1-ulp exp for double. It does not propagate NaN; rows with a NaN logit are caught through their
+// lse instead (the lane max does propagate NaN).
+inline Vectorized<float> vexp(const Vectorized<float>& v) { return v.exp_u20(); }
+inline Vectorized<double> vexp(const Vectorized<double>& v) { return v.exp(); }
+
+template <typename V>
+inline V vmax(const V& a, const V& b) {
+  return at::vec::maximum(a, b);  // NaN-propagating
+}
+
+template <typename A>
+constexpr A kLowest = std::numeric_limits<A>::lowest();
+template <typename A>
+constexpr A kNaN = std::numeric_limits<A>::quiet_NaN();
+
+// ---------------------------------------------------------------------------------------------
+// Loads and stores of T memory as pairs of accumulation vectors. A "pair" (2 * V::size()
+// elements) is one Vectorized<BFloat16/Half>, converted to two Vectorized<float>.
+
+template <typename T>
+struct IoBase {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  static constexpr int64_t kVec = V::size();
+  static constexpr int64_t kPair = 2 * kVec;
+  // n < kPair elements; the rest of the pair is 0.
+  static inline void load_n(const T* p, int64_t n, V& a, V& b) {
+    alignas(64) A buf[kPair];
+    for (int64_t i = 0; i < kPair; ++i) buf[i] = i < n ? static_cast<A>(p[i]) : A(0);
+    a = V::loadu(buf);
+    b = V::loadu(buf + kVec);
+  }
+  static inline void store_n(T* p, int64_t n, const V& a, const V& b) {
+    alignas(64) A buf[kPair];
+    a.store(buf);
+    b.store(buf + kVec);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(buf[i]);
+  }
+};
+
+template <typename T>
+struct Io : IoBase<T> {  // float, double
+  using V = typename IoBase<T>::V;
+  static constexpr int64_t kVec = IoBase<T>::kVec;
+  static inline void load(const T* p, V& a, V& b) {
+    a = V::loadu(p);
+    b = V::loadu(p + kVec);
+  }
+  static inline void store(T* p, const V& a, const V& b) {
+    a.store(p);
+    b.store(p + kVec);
+  }
+};
+
+template <typename T>
+struct IoReduced : IoBase<T> {  // BFloat16, Half
+  using V = Vectorized<float>;
+  static_assert(Vectorized<T>::size() == 2 * Vectorized<float>::size(), "pair layout");
+  static inline void load(const T* p, V& a, V& b) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
+  }
+  static inline void store(T* p, const V& a, const V& b) {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  }
+};
+template <>
+struct Io<c10::BFloat16> : IoReduced<c10::BFloat16> {};
+template <>
+struct Io<c10::Half> : IoReduced<c10::Half> {};
+
+// Non-temporal ("streaming") stores of a pair to memory aligned to kStreamAlign bytes: a large
+// gradient that will not be read again soon goes straight to memory, without first reading every
+// line into the cache (read-for-ownership), which is a third of the memory traffic of a row.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kStreamAlign = 64;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int64_t kStreamAlign = 32;
+#else
+constexpr int64_t kStreamAlign = 0;  // no streaming stores in the generic copy
+#endif
+
+template <typename O, typename V>
+inline void store_pair_stream(O* p, const V& a, const V& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<O, float>) {
+    _mm512_stream_ps(p, a);
+    _mm512_stream_ps(p + V::size(), b);
+  } else if constexpr (std::is_same_v<O, double>) {
+    _mm512_stream_pd(p, a);
+    _mm512_stream_pd(p + V::size(), b);
+  } else {
+    const __m512i v = at::vec::convert_from_float<O>(a, b);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<O, float>) {
+    _mm256_stream_ps(p, a);
+    _mm256_stream_ps(p + V::size(), b);
+  } else if constexpr (std::is_same_v<O, double>) {
+    _mm256_stream_pd(p, a);
+    _mm256_stream_pd(p + V::size(), b);
+  } else {
+    const __m256i v = at::vec::convert_from_float<O>(a, b);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  }
+#else
+  Io<O>::store(p, a, b);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// Elements of p to write before p reaches kStreamAlign alignment (-1: it never will).
+template <typename O>
+inline int64_t stream_head(const O* p) {
+  if (kStreamAlign == 0) return -1;
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  if (a % sizeof(O) != 0) return -1;
+  return static_cast<int64_t>(((kStreamAlign - a % kStreamAlign) % kStreamAlign) / sizeof(O));
+}
+
+template <typename V>
+inline typename V::value_type hsum(const V& v) {
+  alignas(64) typename V::value_type buf[V::size()];
+  v.store(buf);
+  typename V::value_type s = 0;
+  for (int64_t i = 0; i < V::size(); ++i) s += buf[i];
+  return s;
+}
+
+// A row's logsumexp, kept as its max m and log(sum exp(x - m)) too: p_c = exp((x_c - m) - log_s)
+// and lse - x_y = (m - x_y) + log_s keep their digits for large logits, where lse = m + log_s
+// itself is rounded to the precision of |m|.
+template <typename A>
+struct Lse {
+  A m, log_s, lse;
+};
+
+template <typename A>
+inline Lse<A> make_lse(A m, A s) {
+  if (std::isnan(m) || m == std::numeric_limits<A>::infinity()) {
+    return {kNaN<A>, kNaN<A>, kNaN<A>};  // NaN logit (the max propagates it), or +inf (as torch)
+  }
+  const A log_s = std::log(s);
+  return {m, log_s, m + log_s};  // all -inf row: lowest + log(0) = -inf
+}
+
+// Merge lane-wise partial states (max m_l, sum s_l of exp(x - m_l)) into the row's.
+template <typename A>
+inline Lse<A> merge_lanes(const Vectorized<A>& m, const Vectorized<A>& s) {
+  constexpr int64_t n = Vectorized<A>::size();
+  alignas(64) A mb[n];
+  alignas(64) A sb[n];
+  m.store(mb);
+  s.store(sb);
+  A M = kLowest<A>;
+  for (int64_t l = 0; l < n; ++l) M = nan_max(M, mb[l]);
+  if (std::isnan(M) || M == std::numeric_limits<A>::infinity()) return make_lse(M, A(0));
+  A S = 0;
+  for (int64_t l = 0; l < n; ++l) S += sb[l] * std::exp(mb[l] - M);
+  return make_lse(M, S);
+}
+
+// Elements per chunk of pass 1: read twice (max, then exp-sum) while in L1.
+constexpr int64_t kChunk = 2048;
+
+// ---------------------------------------------------------------------------------------------
+// Rows path, class-index targets.
+
+enum SumMode { kNoSum = 0, kSumX = 1, kSumWX = 2 };
+
+// Pass 1 over a contiguous row of C logits (already softcapped if softcap is on): returns lse;
+// `sum` gets sum_c x_c (kSumX) or sum_c w_c x_c (kSumWX), for label smoothing.
+template <int MODE, typename X, typename A = acc_t<X>>
+Lse<A> pass1_index(const X* x, int64_t C, const A* w, A& sum) {
+  using IO = Io<X>;
+  using V = Vectorized<A>;
+  constexpr int64_t P = IO::kPair;
+  constexpr int64_t VS = V::size();
+  V m(kLowest<A>);  // finite start: a lane that only sees -inf keeps s = 0 instead of NaN
+  V s0(0), s1(0), s2(0), s3(0), a0(0), a1(0), a2(0), a3(0);
+  const int64_t Cf = C - C % P;
+  for (int64_t c0 = 0; c0 < Cf; c0 += kChunk) {
+    const int64_t c1 = std::min(c0 + kChunk, Cf);
+    V m0 = m, m1 = m;
+    int64_t c = c0;
+    for (; c + 2 * P <= c1; c += 2 * P) {
+      V v0, v1, v2, v3;
+      IO::load(x + c, v0, v1);
+      IO::load(x + c + P, v2, v3);
+      m0 = vmax(m0, vmax(v0, v1));
+      m1 = vmax(m1, vmax(v2, v3));
+    }
+    if (c < c1) {
+      V v0, v1;
+      IO::load(x + c, v0, v1);
+      m0 = vmax(m0, vmax(v0, v1));
+    }
+    const V mn = vmax(m0, m1);
+    const V f = vexp(m - mn);
+    s0 = s0 * f;
+    s1 = s1 * f;
+    s2 = s2 * f;
+    s3 = s3 * f;
+    m = mn;
+    for (c = c0; c + 2 * P <= c1; c += 2 * P) {
+      V v0, v1, v2, v3;
+      IO::load(x + c, v0, v1);
+      IO::load(x + c + P, v2, v3);
+      s0 = s0 + vexp(v0 - m);
+      s1 = s1 + vexp(v1 - m);
+      s2 = s2 + vexp(v2 - m);
+      s3 = s3 + vexp(v3 - m);
+      if constexpr (MODE == kSumX) {
+        a0 = a0 + v0;
+        a1 = a1 + v1;
+        a2 = a2 + v2;
+        a3 = a3 + v3;
+      } else if constexpr (MODE == kSumWX) {
+        a0 = at::vec::fmadd(V::loadu(w + c), v0, a0);
+        a1 = at::vec::fmadd(V::loadu(w + c + VS), v1, a1);
+        a2 = at::vec::fmadd(V::loadu(w + c + 2 * VS), v2, a2);
+        a3 = at::vec::fmadd(V::loadu(w + c + 3 * VS), v3, a3);
+      }
+    }
+    if (c < c1) {
+      V v0, v1;
+      IO::load(x + c, v0, v1);
+      s0 = s0 + vexp(v0 - m);
+      s1 = s1 + vexp(v1 - m);
+      if constexpr (MODE == kSumX) {
+        a0 = a0 + v0;
+        a1 = a1 + v1;
+      } else if constexpr (MODE == kSumWX) {
+        a0 = at::vec::fmadd(V::loadu(w + c), v0, a0);
+        a1 = at::vec::fmadd(V::loadu(w + c + VS), v1, a1);
+      }
+    }
+  }
+  if (Cf < C) {  // tail of < P elements; loaded zero-filled, masked to -inf for the softmax
+    const int64_t n = C - Cf;
+    const int64_t n0 = std::min<int64_t>(n, VS);
+    V v0, v1;
+    IO::load_n(x + Cf, n, v0, v1);
+    const V ninf(-std::numeric_limits<A>::infinity());
+    const V x0 = V::set(ninf, v0, n0);
+    const V x1 = V::set(ninf, v1, n - n0);
+    const V mn = vmax(m, vmax(x0, x1));
+    const V f = vexp(m - mn);
+    s0 = s0 * f;
+    s1 = s1 * f;
+    s2 = s2 * f;
+    s3 = s3 * f;
+    m = mn;
+    s0 = s0 + vexp(x0 - m);
+    s1 = s1 + vexp(x1 - m);
+    if constexpr (MODE == kSumX) {
+      a0 = a0 + v0;
+      a1 = a1 + v1;
+    } else if constexpr (MODE == kSumWX) {
+      V w0, w1;
+      Io<A>::load_n(w + Cf, n, w0, w1);
+      a0 = at::vec::fmadd(w0, v0, a0);
+      a1 = at::vec::fmadd(w1, v1, a1);
+    }
+  }
+  if constexpr (MODE != kNoSum) sum = hsum((a0 + a1) + (a2 + a3));
+  return merge_lanes<A>(m, (s0 + s1) + (s2 + s3));
+}
+
+// Pass 2: g_c = coef_a * p_c - coef_s * (WS ? w_c : 1), times 1 - (x_c / cap)^2 when
+// CAPPED (x is then the softcapped logit). The target column is fixed by the caller.
+template <bool CAPPED, bool WS, bool STREAM, typename X, typename O, typename A>
+void pass2_index(const X* x, O* g, int64_t C, const A* w, const Lse<A>& lse, A coef_a, A coef_s,
+                 A cap) {
+  using V = Vectorized<A>;
+  constexpr int64_t P = Io<X>::kPair;
+  constexpr int64_t VS = V::size();
+  static_assert(Io<O>::kPair == P, "same pair width");
+  const V vm(lse.m), vls(lse.log_s), va(coef_a), vs(coef_s), vcap(cap), one(1);
+  auto grad = [&](const V& v, int64_t c) {
+    V r = va * vexp((v - vm) - vls);
+    if constexpr (WS) {
+      r = r - vs * V::loadu(w + c);
+    } else {
+      r = r - vs;
+    }
+    if constexpr (CAPPED) {
+      const V u = v / vcap;
+      r = r * (one - u * u);
+    }
+    return r;
+  };
+  const int64_t Cf = C - C % P;
+  int64_t c = 0;
+  for (; c + 2 * P <= Cf; c += 2 * P) {
+    V v0, v1, v2, v3;
+    Io<X>::load(x + c, v0, v1);
+    Io<X>::load(x + c + P, v2, v3);
+    if constexpr (STREAM) {
+      store_pair_stream(g + c, grad(v0, c), grad(v1, c + VS));
+      store_pair_stream(g + c + P, grad(v2, c + P), grad(v3, c + P + VS));
+    } else {
+      Io<O>::store(g + c, grad(v0, c), grad(v1, c + VS));
+      Io<O>::store(g + c + P, grad(v2, c + P), grad(v3, c + P + VS));
+    }
+  }
+  if (c < Cf) {
+    V v0, v1;
+    Io<X>::load(x + c, v0, v1);
+    if constexpr (STREAM) {
+      store_pair_stream(g + c, grad(v0, c), grad(v1, c + VS));
+    } else {
+      Io<O>::store(g + c, grad(v0, c), grad(v1, c + VS));
+    }
+    c += P;
+  }
+  if (c < C) {
+    const int64_t n = C - c;
+    V v0, v1;
+    Io<X>::load_n(x + c, n, v0, v1);
+    if constexpr (WS) {  // w has only n elements left: stage them
+      alignas(64) A wb[P] = {};
+      std::copy(w + c, w + C, wb);
+      auto grad_w = [&](const V& v, const V& wv) {
+        V r = va * vexp((v - vm) - vls) - vs * wv;
+        if constexpr (CAPPED) {
+          const V u = v / vcap;
+          r = r * (one - u * u);
+        }
+        return r;
+      };
+      Io<O>::store_n(g + c, n, grad_w(v0, V::loadu(wb)), grad_w(v1, V::loadu(wb + VS)));
+    } else {
+      Io<O>::store_n(g + c, n, grad(v0, c), grad(v1, c + VS));
+    }
+  }
+}
+
+// pass2_index, with streaming stores from the first aligned element when `stream`.
+template <bool CAPPED, bool WS, typename X, typename O, typename A>
+void pass2_index_any(bool stream, const X* x, O* g, int64_t C, const A* w, const Lse<A>& lse,
+                     A coef_a, A coef_s, A cap) {
+  const int64_t h = stream ? stream_head(g) : -1;
+  if (h < 0 || h >= C) {
+    pass2_index<CAPPED, WS, false>(x, g, C, w, lse, coef_a, coef_s, cap);
+    return;
+  }
+  if (h > 0) pass2_index<CAPPED, WS, false>(x, g, h, w, lse, coef_a, coef_s, cap);
+  pass2_index<CAPPED, WS, true>(x + h, g + h, C - h, WS ? w + h : w, lse, coef_a, coef_s, cap);
+}
+
+template <typename A>
+struct Ctx {
+  int64_t C;
+  const A* w;  // nullptr: all ones
+  A W;         // sum of w
+  A ls, z, scale, cap;
+  int64_t ignore_index;
+  bool capped;
+  bool stream;  // streaming stores for the gradient rows
+};
+
+template <typename O>
+inline void fill(O* g, int64_t C, O v) {
+  std::fill(g, g + C, v);
+}
+
+// One row, class-index target y (already checked). x contiguous (softcapped when CAPPED), g the
+// row's contiguous gradient or nullptr.
+template <int MODE, bool CAPPED, typename X, typename O, typename A>
+void index_row(const X* x, O* g, const Ctx<A>& k, int64_t y, A* loss_out, A* lse_out) {
+  A sum = 0;
+  const Lse<A> L = pass1_index<MODE>(x, k.C, k.w, sum);
+  const A lse = L.lse;
+  *lse_out = lse;
+  if (y == k.ignore_index) {
+    *loss_out = A(0) * k.scale;
+    if (g) fill(g, k.C, O(0));
+    return;
+  }
+  const A xs_y = static_cast<A>(x[y]);
+  const A wy = k.w ? k.w[y] : A(1);
+  const A d = (L.m - xs_y) + L.log_s;  // lse - xs_y
+  const ce::IndexRow<A> r = ce::index_row_diff<A>(lse, d, wy, k.W, sum, k.ls, k.z, k.C);
+  *loss_out = r.loss * k.scale;
+  if (!g) return;
+  if (!std::isfinite(lse)) {  // NaN or infinite logits: NaN gradient, as torch
+    fill(g, k.C, O(kNaN<A>));
+    return;
+  }
+  pass2_index_any<CAPPED, MODE == kSumWX>(k.stream, x, g, k.C, k.w, L, k.scale * r.A,
+                                          k.scale * r.smooth, k.cap);
+  A gy = ce::index_grad_target_diff(r, -d, wy);
+  if constexpr (CAPPED) gy *= ce::softcap_grad(xs_y, k.cap);
+  g[y] = static_cast<O>(k.scale * gy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows path, probability targets. t'_c = keep * t_c + add (keep = 1 - ls, add = ls / C).
+
+template <bool HAS_W, typename X, typename TT, typename A = acc_t<X>>
+Lse<A> pass1_prob(const X* x, const TT* t, int64_t C, const A* w, A keep, A add, A& sum_wt,
+             A& sum_wtx) {
+  using V = Vectorized<A>;
+  constexpr int64_t P = Io<X>::kPair;
+  constexpr int64_t VS = V::size();
+  static_assert(Io<TT>::kPair == P, "same pair width");
+  const V vkeep(keep), vadd(add);
+  V m(kLowest<A>);
+  V s0(0), s1(0), a0(0), a1(0), b0(0), b1(0);
+  auto sums = [&](const V& v, const V& tv, const V& wv) {  // returns w t'
+    V wt = at::vec::fmadd(vkeep, tv, vadd);
+    if constexpr (HAS_W) wt = wt * wv;
+    return wt;
+  };
+  const int64_t Cf = C - C % P;
+  for (int64_t c0 = 0; c0 < Cf; c0 += kChunk) {
+    const int64_t c1 = std::min(c0 + kChunk, Cf);
+    V m0 = m, m1 = m;
+    for (int64_t c = c0; c < c1; c += P) {
+      V v0, v1;
+      Io<X>::load(x + c, v0, v1);
+      m0 = vmax(m0, v0);
+      m1 = vmax(m1, v1);
+    }
+    const V mn = vmax(m0, m1);
+    const V f = vexp(m - mn);
+    s0 = s0 * f;
+    s1 = s1 * f;
+    m = mn;
+    for (int64_t c = c0; c < c1; c += P) {
+      V v0, v1, t0, t1;
+      Io<X>::load(x + c, v0, v1);
+      Io<TT>::load(t + c, t0, t1);
+      s0 = s0 + vexp(v0 - m);
+      s1 = s1 + vexp(v1 - m);
+      V w0(1), w1(1);
+      if constexpr (HAS_W) {
+        w0 = V::loadu(w + c);
+        w1 = V::loadu(w + c + VS);
+      }
+      const V wt0 = sums(v0, t0, w0), wt1 = sums(v1, t1, w1);
+      a0 = a0 + wt0;
+      a1 = a1 + wt1;
+      b0 = at::vec::fmadd(wt0, v0, b0);
+      b1 = at::vec::fmadd(wt1, v1, b1);
+    }
+  }
+  if (Cf < C) {
+    const int64_t n = C - Cf;
+    const int64_t n0 = std::min<int64_t>(n, VS);
+    V v0, v1, t0, t1, w0(1), w1(1);
+    Io<X>::load_n(x + Cf, n, v0, v1);
+    Io<TT>::load_n(t + Cf, n, t0, t1);
+    if constexpr (HAS_W) Io<A>::load_n(w + Cf, n, w0, w1);
+    const V ninf(-std::numeric_limits<A>::infinity()), zero(0);
+    const V x0 = V::set(ninf, v0, n0), x1 = V::set(ninf, v1, n - n0);
+    const V mn = vmax(m, vmax(x0, x1));
+    const V f = vexp(m - mn);
+    s0 = s0 * f;
+    s1 = s1 * f;
+    m = mn;
+    s0 = s0 + vexp(x0 - m);
+    s1 = s1 + vexp(x1 - m);
+    const V wt0 = V::set(zero, sums(v0, t0, w0), n0);
+    const V wt1 = V::set(zero, sums(v1, t1, w1), n - n0);
+    a0 = a0 + wt0;
+    a1 = a1 + wt1;
+    b0 = at::vec::fmadd(wt0, v0, b0);
+    b1 = at::vec::fmadd(wt1, v1, b1);
+  }
+  sum_wt = hsum(a0 + a1);
+  sum_wtx = hsum(b0 + b1);
+  return merge_lanes<A>(m, s0 + s1);
+}
+
+// g_c = coef_a * p_c - scale * w_c t'_c, times the softcap factor when CAPPED.
+template <bool HAS_W, bool CAPPED, typename X, typename TT, typename O, typename A>
+void pass2_prob(const X* x, const TT* t, O* g, int64_t C, const A* w, const Lse<A>& lse, A coef_a,
+                A scale, A keep, A add, A cap) {
+  using V = Vectorized<A>;
+  constexpr int64_t P = Io<X>::kPair;
+  constexpr int64_t VS = V::size();
+  const V vm(lse.m), vls(lse.log_s), va(coef_a), vsc(scale), vkeep(keep), vadd(add), vcap(cap);
+  const V one(1);
+  auto grad = [&](const V& v, const V& tv, const V& wv) {
+    V wt = at::vec::fmadd(vkeep, tv, vadd);
+    if constexpr (HAS_W) wt = wt * wv;
+    V r = va * vexp((v - vm) - vls) - vsc * wt;
+    if constexpr (CAPPED) {
+      const V u = v / vcap;
+      r = r * (one - u * u);
+    }
+    return r;
+  };
+  const int64_t Cf = C - C % P;
+  for (int64_t c = 0; c < Cf; c += P) {
+    V v0, v1, t0, t1, w0(1), w1(1);
+    Io<X>::load(x + c, v0, v1);
+    Io<TT>::load(t + c, t0, t1);
+    if constexpr (HAS_W) {
+      w0 = V::loadu(w + c);
+      w1 = V::loadu(w + c + VS);
+    }
+    Io<O>::store(g + c, grad(v0, t0, w0), grad(v1, t1, w1));
+  }
+  if (Cf < C) {
+    const int64_t n = C - Cf;
+    V v0, v1, t0, t1, w0(1), w1(1);
+    Io<X>::load_n(x + Cf, n, v0, v1);
+    Io<TT>::load_n(t + Cf, n, t0, t1);
+    if constexpr (HAS_W) Io<A>::load_n(w + Cf, n, w0, w1);
+    Io<O>::store_n(g + Cf, n, grad(v0, t0, w0), grad(v1, t1, w1));
+  }
+}
+
+template <bool HAS_W, bool CAPPED, typename X, typename TT, typename O, typename A>
+void prob_row(const X* x, const TT* t, O* g, const Ctx<A>& k, A* loss_out, A* lse_out) {
+  const A keep = A(1) - k.ls, add = k.ls / A(k.C);
+  A sum_wt = 0, sum_wtx = 0;
+  const Lse<A> L = pass1_prob<HAS_W>(x, t, k.C, k.w, keep, add, sum_wt, sum_wtx);
+  const A lse = L.lse;
+  *lse_out = lse;
+  const ce::ProbRow<A> r = ce::prob_row<A>(lse, sum_wt, sum_wtx, k.z);
+  *loss_out = r.loss * k.scale;
+  if (!g) return;
+  if (!std::isfinite(lse)) {
+    fill(g, k.C, O(kNaN<A>));
+    return;
+  }
+  pass2_prob<HAS_W, CAPPED>(x, t, g, k.C, k.w, L, k.scale * r.A, k.scale, keep, add, k.cap);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drivers.
+
+[[noreturn]] void bad_target(int64_t y, int64_t C, int64_t ignore_index) {
+  TORCH_CHECK_INDEX(false, "cross_entropy: target ", y, " is out of bounds for ", C,
+                    " classes (valid: 0 <= target < ", C, ", or ignore_index = ", ignore_index,
+                    ")");
+  std::abort();  // unreachable
+}
+
+inline void check_target(int64_t y, int64_t C, int64_t ignore_index) {
+  if (y != ignore_index && (y < 0 || y >= C)) bad_target(y, C, ignore_index);
+}
+
+constexpr int64_t kStreamMinBytes = int64_t(64) << 20;
+
+template <typename A>
+Ctx<A> make_ctx(const CrossEntropyArgs& a) {
+  Ctx<A> k;
+  k.C = a.C;
+  k.w = static_cast<const A*>(a.weight);
+  k.W = static_cast<A>(a.weight_sum);
+  k.ls = static_cast<A>(a.label_smoothing);
+  k.z = static_cast<A>(a.z_loss);
+  k.scale = static_cast<A>(a.grad_scale);
+  k.capped = a.softcap > 0;
+  // Stream a large fresh gradient to memory; in place, its lines are already in cache.
+  const int64_t grad_bytes = a.N * a.C * a.D * static_cast<int64_t>(c10::elementSize(a.dtype));
+  k.stream = a.grad != nullptr && a.grad != a.input && grad_bytes >= kStreamMinBytes;
+  if (const char* e = std::getenv("FL_STREAM")) k.stream = a.grad != nullptr && e[0] == '1';  // XXX experiment
+  k.cap = k.capped ? static_cast<A>(a.softcap) : A(0);
+  k.ignore_index = a.ignore_index;
+  return k;
+}
+
+// Calls f(std::integral_constant<int, MODE>) for the row's pass-1 sum mode.
+template <typename A, typename F>
+void with_sum_mode(const Ctx<A>& k, F&& f) {
+  if (k.ls > A(0)) {
+    if (k.w) {
+      f(std::integral_constant<int, kSumWX>());
+    } else {
+      f(std::integral_constant<int, kSumX>());
+    }
+  } else {
+    f(std::integral_constant<int, kNoSum>());
+  }
+}
+
+template <typename F>
+void with_bool(bool b, F&& f) {
+  if (b) {
+    f(std::true_type());
+  } else {
+    f(std::false_type());
+  }
+}
+
+// Softcap a contiguous buffer of acc values in place.
+template <typename A>
+void softcap_buffer(A* buf, int64_t C, A cap) {
+  using V = Vectorized<A>;
+  const V vcap(cap);
+  int64_t c = 0;
+  for (; c + V::size() <= C; c += V::size()) {
+    (vcap * (V::loadu(buf + c) / vcap).tanh()).store(buf + c);
+  }
+  for (; c < C; ++c) buf[c] = ce::softcap_fwd(buf[c], cap);
+}
+
+// Contiguous row of T into the acc buffer, softcapped.
+template <typename T, typename A>
+void stage_softcap(const T* x, A* buf, int64_t C, A cap) {
+  using V = Vectorized<A>;
+  constexpr int64_t P = Io<T>::kPair;
+  const V vcap(cap);
+  int64_t c = 0;
+  for (; c + P <= C; c += P) {
+    V v0, v1;
+    Io<T>::load(x + c, v0, v1);
+    (vcap * (v0 / vcap).tanh()).store(buf + c);
+    (vcap * (v1 / vcap).tanh()).store(buf + c + V::size());
+  }
+  for (; c < C; ++c) buf[c] = ce::softcap_fwd(static_cast<A>(x[c]), cap);
+}
+
+// Rows path (class stride 1 for input, gradient and probability target) or, with `generic`, any
+// strides through per-row gather / scatter buffers.
+template <typename T>
+void run_rows(const CrossEntropyArgs& a, bool generic) {
+  using A = acc_t<T>;
+  Ctx<A> k = make_ctx<A>(a);
+  if (generic) k.stream = false;  // rows go through a buffer
+  const int64_t C = a.C, D = a.D, rows = a.N * a.D;
+  const T* x = static_cast<const T*>(a.input);
+  T* g = static_cast<T*>(a.grad);
+  const T* tp = static_cast<const T*>(a.target_prob);
+  const bool prob = tp != nullptr;
+  A* loss = static_cast<A*>(a.loss);
+  A* lse = static_cast<A*>(a.lse);
+  const int64_t grain = std::max<int64_t>(1, 32768 / C);
+
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<A> xbuf, tbuf, gbuf;
+    if (generic || k.capped) xbuf.resize(C);
+    if (generic && prob) tbuf.resize(C);
+    if (generic && g) gbuf.resize(C);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / D, d = r - n * D;
+      const T* xr = x + n * a.in_sn + d * a.in_sd;
+      T* gr = g ? g + n * a.gr_sn + d * a.gr_sd : nullptr;
+      const T* tr = prob ? tp + n * a.tg_sn + d * a.tg_sd : nullptr;
+      int64_t y = 0;
+      if (!prob) {
+        y = a.target_index[r];
+        check_target(y, C, k.ignore_index);
+      }
+      if (!generic) {
+        if (!k.capped) {
+          if (prob) {
+            with_bool(k.w != nullptr, [&](auto hw) {
+              prob_row<decltype(hw)::value, false>(xr, tr, gr, k, loss + r, lse + r);
+            });
+          } else {
+            with_sum_mode(k, [&](auto mode) {
+              index_row<decltype(mode)::value, false>(xr, gr, k, y, loss + r, lse + r);
+            });
+          }
+        } else {
+          stage_softcap(xr, xbuf.data(), C, k.cap);
+          if (prob) {
+            with_bool(k.w != nullptr, [&](auto hw) {
+              prob_row<decltype(hw)::value, true>(xbuf.data(), tr, gr, k, loss + r, lse + r);
+            });
+          } else {
+            with_sum_mode(k, [&](auto mode) {
+              index_row<decltype(mode)::value, true>(xbuf.data(), gr, k, y, loss + r, lse + r);
+            });
+          }
+        }
+        continue;
+      }
+      // Generic strides: gather (and softcap) the row, run it contiguous, scatter the gradient.
+      A* xb = xbuf.data();
+      for (int64_t c = 0; c < C; ++c) xb[c] = static_cast<A>(xr[c * a.in_sc]);
+      if (k.capped) softcap_buffer(xb, C, k.cap);
+      A* gb = gr ? gbuf.data() : nullptr;
+      if (prob) {
+        A* tb = tbuf.data();
+        for (int64_t c = 0; c < C; ++c) tb[c] = static_cast<A>(tr[c * a.tg_sc]);
+        with_bool(k.w != nullptr, [&](auto hw) {
+          with_bool(k.capped, [&](auto cp) {
+            prob_row<decltype(hw)::value, decltype(cp)::value>(xb, static_cast<const A*>(tb), gb,
+                                                               k, loss + r, lse + r);
+          });
+        });
+      } else {
+        with_sum_mode(k, [&](auto mode) {
+          with_bool(k.capped, [&](auto cp) {
+            index_row<decltype(mode)::value, decltype(cp)::value>(
+                static_cast<const A*>(xb), gb, k, y, loss + r, lse + r);
+          });
+        });
+      }
+      if (gr) {
+        for (int64_t c = 0; c < C; ++c) gr[c * a.gr_sc] = static_cast<T>(gb[c]);
+      }
+    }
+    if (k.stream) stream_fence();
+  });
+}
+
+// Spatial path: input, gradient and probability target have spatial stride 1 (D > 1). One work
+// item is a tile of P = one pair of consecutive positions d of one n; lane l is row (n, d0 + l).
+template <typename T, int MODE, bool PROB, bool HAS_W>
+void run_spatial_impl(const CrossEntropyArgs& a) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  using IO = Io<T>;
+  constexpr int64_t P = IO::kPair;
+  constexpr int64_t VS = V::size();
+  const Ctx<A> k = make_ctx<A>(a);
+  const int64_t N = a.N, C = a.C, D = a.D;
+  const int64_t tiles = (D + P - 1) / P;
+  const T* x = static_cast<const T*>(a.input);
+  T* g = static_cast<T*>(a.grad);
+  const T* tp = static_cast<const T*>(a.target_prob);
+  A* loss = static_cast<A*>(a.loss);
+  A* lse_out = static_cast<A*>(a.lse);
+  const A keep = A(1) - k.ls, add = k.ls / A(C);
+  const int64_t grain = std::max<int64_t>(1, 16384 / (C * P));
+
+  at::parallel_for(0, N * tiles, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<A> xs(C * P);                 // staged (softcapped) logits, [c][lane]
+    std::vector<A> wts(PROB ? C * P : 0);     // probability mode: w_c t'_c, [c][lane]
+    alignas(64) A mb[P], sb[P], ab[P], bb[P], lb[P], lsb[P], cab[P], csb[P], fixm[P], fixv[P];
+    int64_t ys[P];
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t n = it / tiles, d0 = (it - n * tiles) * P;
+      const int64_t np = std::min(P, D - d0);
+      const int64_t row0 = n * D + d0;
+      if constexpr (!PROB) {
+        for (int64_t l = 0; l < np; ++l) {
+          ys[l] = a.target_index[row0 + l];
+          check_target(ys[l], C, k.ignore_index);
+        }
+      }
+      // Stage and max.
+      const T* xb = x + n * a.in_sn + d0;
+      const V vcap(k.cap);
+      V m0(kLowest<A>), m1(kLowest<A>);
+      for (int64_t c = 0; c < C; ++c) {
+        V v0, v1;
+        if (np == P) {
+          IO::load(xb + c * a.in_sc, v0, v1);
+        } else {
+          IO::load_n(xb + c * a.in_sc, np, v0, v1);
+        }
+        if (k.capped) {
+          v0 = vcap * (v0 / vcap).tanh();
+          v1 = vcap * (v1 / vcap).tanh();
+        }
+        v0.store(xs.data() + c * P);
+        v1.store(xs.data() + c * P + VS);
+        m0 = vmax(m0, v0);
+        m1 = vmax(m1, v1);
+      }
+      // Sums.
+      V s0(0), s1(0), a0(0), a1(0), b0(0), b1(0);
+      const V vkeep(keep), vadd(add);
+      for (int64_t c = 0; c < C; ++c) {
+        const V v0 = V::loadu(xs.data() + c * P), v1 = V::loadu(xs.data() + c * P + VS);
+        s0 = s0 + vexp(v0 - m0);
+        s1 = s1 + vexp(v1 - m1);
+        if constexpr (PROB) {
+          V t0, t1;
+          const T* tb = tp + n * a.tg_sn + c * a.tg_sc + d0;
+          if (np == P) {
+            IO::load(tb, t0, t1);
+          } else {
+            IO::load_n(tb, np, t0, t1);
+          }
+          V wt0 = at::vec::fmadd(vkeep, t0, vadd), wt1 = at::vec::fmadd(vkeep, t1, vadd);
+          if constexpr (HAS_W) {
+            const V wc(k.w[c]);
+            wt0 = wt0 * wc;
+            wt1 = wt1 * wc;
+          }
+          wt0.store(wts.data() + c * P);
+          wt1.store(wts.data() + c * P + VS);
+          a0 = a0 + wt0;
+          a1 = a1 + wt1;
+          b0 = at::vec::fmadd(wt0, v0, b0);
+          b1 = at::vec::fmadd(wt1, v1, b1);
+        } else if constexpr (MODE == kSumX) {
+          a0 = a0 + v0;
+          a1 = a1 + v1;
+        } else if constexpr (MODE == kSumWX) {
+          const V wc(k.w[c]);
+          a0 = at::vec::fmadd(wc, v0, a0);
+          a1 = at::vec::fmadd(wc, v1, a1);
+        }
+      }
+      m0.store(mb);
+      m1.store(mb + VS);
+      s0.store(sb);
+      s1.store(sb + VS);
+      a0.store(ab);
+      a1.store(ab + VS);
+      b0.store(bb);
+      b1.store(bb + VS);
+      // Per-lane row results and gradient coefficients.
+      for (int64_t l = 0; l < P; ++l) {
+        cab[l] = csb[l] = fixm[l] = fixv[l] = 0;
+        lb[l] = lsb[l] = 0;
+        if (l >= np) continue;
+        const Lse<A> L = make_lse(mb[l], sb[l]);
+        const A lse = L.lse;
+        lb[l] = lse;
+        lsb[l] = L.log_s;
+        lse_out[row0 + l] = lse;
+        if constexpr (PROB) {
+          const ce::ProbRow<A> r = ce::prob_row<A>(lse, ab[l], bb[l], k.z);
+          loss[row0 + l] = r.loss * k.scale;
+          cab[l] = k.scale * r.A;
+          csb[l] = k.scale;
+        } else {
+          const int64_t y = ys[l];
+          if (y == k.ignore_index) {
+            loss[row0 + l] = A(0) * k.scale;
+            fixm[l] = 1;
+            fixv[l] = 0;
+            continue;
+          }
+          const A xs_y = xs[y * P + l];
+          const A wy = k.w ? k.w[y] : A(1);
+          const A d = (L.m - xs_y) + L.log_s;
+          const ce::IndexRow<A> r = ce::index_row_diff<A>(lse, d, wy, k.W, ab[l], k.ls, k.z, C);
+          loss[row0 + l] = r.loss * k.scale;
+          cab[l] = k.scale * r.A;
+          csb[l] = k.scale * r.smooth;
+        }
+        if (!std::isfinite(lse)) {
+          fixm[l] = 1;
+          fixv[l] = kNaN<A>;
+        }
+      }
+      if (!g) continue;
+      // Gradient.
+      const V zero(0), one(1);
+      const V l0 = V::loadu(lsb), l1 = V::loadu(lsb + VS);  // p = exp((x - m) - log_s)
+      const V ca0 = V::loadu(cab), ca1 = V::loadu(cab + VS);
+      const V cs0 = V::loadu(csb), cs1 = V::loadu(csb + VS);
+      const V fm0 = V::loadu(fixm) != zero, fm1 = V::loadu(fixm + VS) != zero;
+      const V fv0 = V::loadu(fixv), fv1 = V::loadu(fixv + VS);
+      T* gb = g + n * a.gr_sn + d0;
+      for (int64_t c = 0; c < C; ++c) {
+        const V v0 = V::loadu(xs.data() + c * P), v1 = V::loadu(xs.data() + c * P + VS);
+        V g0 = ca0 * vexp((v0 - m0) - l0), g1 = ca1 * vexp((v1 - m1) - l1);
+        if constexpr (PROB) {
+          g0 = g0 - cs0 * V::loadu(wts.data() + c * P);
+          g1 = g1 - cs1 * V::loadu(wts.data() + c * P + VS);
+        } else if constexpr (MODE == kSumWX) {
+          const V wc(k.w[c]);
+          g0 = g0 - cs0 * wc;
+          g1 = g1 - cs1 * wc;
+        } else {
+          g0 = g0 - cs0;
+          g1 = g1 - cs1;
+        }
+        if (k.capped) {
+          const V u0 = v0 / vcap, u1 = v1 / vcap;
+          g0 = g0 * (one - u0 * u0);
+          g1 = g1 * (one - u1 * u1);
+        }
+        g0 = V::blendv(g0, fv0, fm0);
+        g1 = V::blendv(g1, fv1, fm1);
+        if (np == P) {
+          IO::store(gb + c * a.gr_sc, g0, g1);
+        } else {
+          IO::store_n(gb + c * a.gr_sc, np, g0, g1);
+        }
+      }
+      if constexpr (!PROB) {  // accurate target column
+        for (int64_t l = 0; l < np; ++l) {
+          const int64_t y = ys[l];
+          if (y == k.ignore_index || fixm[l] != 0) continue;
+          const A xs_y = xs[y * P + l];
+          const A wy = k.w ? k.w[y] : A(1);
+          const A d = (mb[l] - xs_y) + lsb[l];
+          const ce::IndexRow<A> r = ce::index_row_diff<A>(lb[l], d, wy, k.W, ab[l], k.ls, k.z, C);
+          A gy = ce::index_grad_target_diff(r, -d, wy);
+          if (k.capped) gy *= ce::softcap_grad(xs_y, k.cap);
+          gb[y * a.gr_sc + l] = static_cast<T>(k.scale * gy);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void run_spatial(const CrossEntropyArgs& a) {
+  const bool has_w = a.weight != nullptr;
+  if (a.target_prob) {
+    with_bool(has_w, [&](auto hw) { run_spatial_impl<T, kNoSum, true, decltype(hw)::value>(a); });
+    return;
+  }
+  Ctx<acc_t<T>> k = make_ctx<acc_t<T>>(a);
+  with_sum_mode(k, [&](auto mode) { run_spatial_impl<T, decltype(mode)::value, false, false>(a); });
+}
+
+template <typename T>
+void cross_entropy_typed(const CrossEntropyArgs& a) {
+  if (a.N * a.D == 0) return;
+  const bool prob = a.target_prob != nullptr;
+  const bool has_grad = a.grad != nullptr;
+  const bool spatial = a.D > 1 && a.in_sd == 1 && (!has_grad || a.gr_sd == 1) &&
+                       (!prob || a.tg_sd == 1);
+  const bool rows = a.in_sc == 1 && (!has_grad || a.gr_sc == 1) && (!prob || a.tg_sc == 1);
+  if (spatial) {
+    run_spatial<T>(a);
+  } else {
+    run_rows<T>(a, /*generic=*/!rows);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// scale_grad_
+
+template <typename T, typename A>
+void scale_span(T* p, int64_t n, A s) {
+  using V = Vectorized<A>;
+  constexpr int64_t P = Io<T>::kPair;
+  const V vs(s);
+  int64_t i = 0;
+  for (; i + P <= n; i += P) {
+    V a0, a1;
+    Io<T>::load(p + i, a0, a1);
+    Io<T>::store(p + i, a0 * vs, a1 * vs);
+  }
+  if (i < n) {
+    V a0, a1;
+    Io<T>::load_n(p + i, n - i, a0, a1);
+    Io<T>::store_n(p + i, n - i, a0 * vs, a1 * vs);
+  }
+}
+
+template <typename T, typename A>
+void scale_span_by(T* p, int64_t n, const A* s) {
+  using V = Vectorized<A>;
+  constexpr int64_t P = Io<T>::kPair;
+  int64_t i = 0;
+  for (; i + P <= n; i += P) {
+    V a0, a1, s0, s1;
+    Io<T>::load(p + i, a0, a1);
+    Io<A>::load(s + i, s0, s1);
+    Io<T>::store(p + i, a0 * s0, a1 * s1);
+  }
+  if (i < n) {
+    V a0, a1, s0, s1;
+    Io<T>::load_n(p + i, n - i, a0, a1);
+    Io<A>::load_n(s + i, n - i, s0, s1);
+    Io<T>::store_n(p + i, n - i, a0 * s0, a1 * s1);
+  }
+}
+
+template <typename T>
+void scale_grad_typed(const ScaleGradArgs& a) {
+  using A = acc_t<T>;
+  T* g = static_cast<T*>(a.grad);
+  const int64_t N = a.N, C = a.C, D = a.D;
+  if (N * C * D == 0) return;
+  if (!a.grad_loss) {
+    const A s = static_cast<A>(a.scalar);
+    at::parallel_for(0, N * C * D, 32768, [&](int64_t b, int64_t e) { scale_span(g + b, e - b, s); });
+    return;
+  }
+  const A* gl = static_cast<const A*>(a.grad_loss);
+  if (D == 1) {
+    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / C), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) scale_span(g + r * C, C, gl[r]);
+    });
+    return;
+  }
+  at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / D), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) scale_span_by(g + i * D, D, gl + (i / C) * D);
+  });
+}
+
+template <template <typename> class F, typename Args>
+void by_dtype(c10::ScalarType t, const Args& a) {
+  switch (t) {
+    case c10::ScalarType::Float:
+      return F<float>::run(a);
+    case c10::ScalarType::Double:
+      return F<double>::run(a);
+    case c10::ScalarType::BFloat16:
+      return F<c10::BFloat16>::run(a);
+    case c10::ScalarType::Half:
+      return F<c10::Half>::run(a);
+    default:
+      TORCH_CHECK(false, "fusedloss CPU kernels: unsupported dtype ", t);
+  }
+}
+
+template <typename T>
+struct CrossEntropyF {
+  static void run(const CrossEntropyArgs& a) { cross_entropy_typed<T>(a); }
+};
+template <typename T>
+struct ScaleGradF {
+  static void run(const ScaleGradArgs& a) { scale_grad_typed<T>(a); }
+};
+
+}  // namespace
+
+void cross_entropy_kernel(const CrossEntropyArgs& args) { by_dtype<CrossEntropyF>(args.dtype, args); }
+
+void scale_grad_kernel(const ScaleGradArgs& args) { by_dtype<ScaleGradF>(args.dtype, args); }
+
+}  // namespace fusedloss::cpu::CPU_CAPABILITY
