@@ -1,0 +1,523 @@
+"""``python -m bench``: every loss x provider at realistic shapes; tables, JSON and a PNG.
+
+Each (case, provider, allocator setting) runs in a fresh ``python -m bench._worker`` process so
+that its peak memory is its own (with --quick, one process per case runs all providers in turn,
+resetting the peak between them). Exit status: 0 when every correctness check passed (providers
+that are unavailable or raise are reported, not fatal), 1 when a check failed, 2 on bad arguments
+or a harness crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench import _harness as H
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark fusedloss against torch eager, torch.compile, the reference and "
+                    "peers: time (median of repeats) and peak extra memory, checked against the "
+                    "reference.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="default: cuda if available, else cpu")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run (<1 min on CPU): small shapes, 3 repeats, default allocator, "
+                         "one worker process per case")
+    ap.add_argument("--out", default=os.path.join(REPO, "bench", "results"),
+                    help="directory for the JSON and PNG")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated: a loss name (cross_entropy, linear_cross_entropy) or a "
+                         "substring of case names (e.g. 128256, bf16, fwdbwd)")
+    ap.add_argument("--providers", default=None,
+                    help="comma-separated provider names to run (default: all)")
+    ap.add_argument("--dtype", default=None,
+                    help="run every case in this dtype instead of its own (fp32, bf16, fp16)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed repeats per measurement (default: quick 3, cpu 5, cuda 20)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed warm-up calls, >= 1 (default: cpu 1, cuda 3)")
+    ap.add_argument("--max-time", type=float, default=None,
+                    help="stop repeating once this many seconds were spent timing one measurement "
+                         "(after at least 3 repeats; default: quick 2, cpu 6, cuda 10)")
+    ap.add_argument("--thp", choices=["default", "on", "both"], default=None,
+                    help="CPU allocator setting(s): the default, THP_MEM_ALLOC_ENABLE=1, or both "
+                         "(default: both; --quick: default)")
+    ap.add_argument("--all", action="store_true",
+                    help="include the heavy cases (on CPU: linear CE at V=128256, ~minutes each)")
+    ap.add_argument("--shared-process", dest="shared", action="store_true", default=None,
+                    help="run all providers of a case in one worker (default with --quick)")
+    ap.add_argument("--process-per-provider", dest="shared", action="store_false",
+                    help="one fresh worker per provider (default without --quick)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in workers")
+    ap.add_argument("--backend", default="auto", help="backend= passed to fusedloss providers")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per worker process")
+    ap.add_argument("--no-fork", dest="fork", action="store_false",
+                    help="start every worker with a fresh interpreter instead of forking it from a "
+                         "server that has torch imported (slower; same isolation)")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--list", action="store_true", help="list the cases and providers and exit")
+    args = ap.parse_args(argv)
+
+    if args.device is None:
+        args.device = "cuda" if _cuda_available() else "cpu"
+    elif args.device == "cuda" and not _cuda_available():
+        ap.error("--device cuda: torch.cuda.is_available() is False")
+    cpu = args.device == "cpu"
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else (5 if cpu else 20)
+    if args.warmup is None:
+        args.warmup = 1 if cpu else 3
+    args.warmup = max(1, args.warmup)
+    if args.max_time is None:
+        args.max_time = 2.0 if args.quick else (6.0 if cpu else 10.0)
+    if args.thp is None:
+        args.thp = "default" if args.quick else "both"
+    if args.shared is None:
+        args.shared = args.quick
+    if args.dtype is not None:
+        if args.dtype.lower() not in H.DTYPE_ALIASES:
+            ap.error(f"--dtype: unknown dtype {args.dtype!r}")
+        args.dtype = H.DTYPE_ALIASES[args.dtype.lower()]
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    return args
+
+
+def select_cases(args):
+    cases, skipped = [], []
+    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    provs = [s.strip() for s in args.providers.split(",")] if args.providers else None
+    for mod in H.loss_modules():
+        for c in mod.cases(args.device, args.quick, args.dtype):
+            if only and not any(o == c.loss or (o not in _LOSSES() and o in c.name) for o in only):
+                continue
+            if args.quick:
+                left = [p for p in c.providers if args.device in mod.PROVIDERS[p].not_quick_on]
+                c.providers = [p for p in c.providers if p not in left]
+                if left:
+                    c.notes.append(f"--quick on {args.device} leaves out: {', '.join(left)}")
+            if provs:
+                c.providers = [p for p in c.providers if p in provs]
+                if not c.providers:
+                    continue
+            if c.heavy and not args.all and not (only and any(o in c.name for o in only)):
+                skipped.append(c)
+                continue
+            cases.append(c)
+    return cases, skipped
+
+
+def _LOSSES():
+    return [m.LOSS for m in H.loss_modules()]
+
+
+class Runner:
+    """Spawns workers and collects their results."""
+
+    def __init__(self, args, tmp):
+        self.args = args
+        self.tmp = tmp
+        self.cache = os.path.join(tmp, "targets")
+        os.makedirs(self.cache, exist_ok=True)
+        self.n = 0
+        self.zygotes = {}
+
+    def env(self, thp: str) -> dict:
+        env = dict(os.environ)
+        env.pop("THP_MEM_ALLOC_ENABLE", None)
+        if thp == "on":
+            env["THP_MEM_ALLOC_ENABLE"] = "1"
+        env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def spawn(self, spec: dict, thp: str, timeout: float):
+        """Run one worker job; returns (exit code or "timeout", its output, result path, wall s)."""
+        self.n += 1
+        spec_path = os.path.join(self.tmp, f"spec{self.n}.json")
+        spec["result_path"] = os.path.join(self.tmp, f"result{self.n}.jsonl")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        t0 = time.perf_counter()
+        z = self.zygote(thp)
+        if z is not None:
+            try:
+                rc = z.run(spec_path, timeout)
+                try:
+                    with open(spec_path + ".log", errors="replace") as f:
+                        err = f.read()
+                except OSError:
+                    err = ""
+                return rc, err, spec["result_path"], time.perf_counter() - t0
+            except ZygoteDied as e:
+                self.zygotes[thp] = None  # fall back to a plain process from now on
+                print(f"warning: fork server died ({e}); using one process per worker",
+                      file=sys.stderr)
+        try:
+            p = subprocess.run([sys.executable, "-m", "bench._worker", spec_path], cwd=REPO,
+                               env=self.env(thp), capture_output=True, text=True, timeout=timeout)
+            rc, err = p.returncode, (p.stderr or "") + (p.stdout or "")
+        except subprocess.TimeoutExpired as e:
+            rc = "timeout"
+            err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return rc, err, spec["result_path"], time.perf_counter() - t0
+
+    def zygote(self, thp: str):
+        if not self.args.fork:
+            return None
+        if thp not in self.zygotes:
+            try:
+                self.zygotes[thp] = Zygote(self.env(thp), os.path.join(self.tmp, f"zygote-{thp}.log"))
+            except ZygoteDied as e:
+                print(f"warning: fork server did not start ({e}); using one process per worker",
+                      file=sys.stderr)
+                self.zygotes[thp] = None
+        return self.zygotes[thp]
+
+    def close(self):
+        for z in self.zygotes.values():
+            if z is not None:
+                z.close()
+
+    def probe(self, no_machine=False):
+        spec = {"mode": "probe", "device": self.args.device, "threads": self.args.threads,
+                "no_machine": no_machine}
+        rc, err, path, _ = self.spawn(spec, "default", 300)
+        if rc != 0 or not os.path.exists(path):
+            return None, _tail(err)
+        with open(path) as f:
+            return json.load(f), None
+
+    def run_case(self, case: H.Case, providers: list, thp: str, on_result):
+        """Run ``providers`` on ``case``; call on_result(result) for each, crash-tolerant."""
+        remaining = list(providers)
+        groups = [remaining] if self.args.shared else [[p] for p in remaining]
+        queue = [list(g) for g in groups]
+        while queue:
+            group = queue.pop(0)
+            spec = {
+                "mode": "run", "device": self.args.device, "case": case.to_json(),
+                "providers": group, "cache_dir": self.cache, "warmup": self.args.warmup,
+                "repeats": self.args.repeats, "max_time": self.args.max_time,
+                "threads": self.args.threads, "seed": self.args.seed,
+                "opts": {"backend": self.args.backend},
+            }
+            rc, err, path, wall = self.spawn(spec, thp, self.args.timeout * len(group))
+            done, started = {}, []
+            if os.path.exists(path):
+                with open(path) as f:
+                    for line in f:
+                        try:
+                            obj = json.loads(line)
+                        except json.JSONDecodeError:
+                            continue
+                        if obj.get("event") == "start":
+                            started.append(obj["provider"])
+                        else:
+                            done[obj["provider"]] = obj
+            for p in group:
+                if p in done:
+                    done[p]["worker_wall_s"] = round(wall, 2)
+                    done[p]["worker_providers"] = len(group)
+                    on_result(done[p])
+            missing = [p for p in group if p not in done]
+            if not missing:
+                continue
+            # the worker died: blame the provider it had started, retry the rest in a new worker
+            culprit = started[-1] if started and started[-1] in missing else missing[0]
+            what = (f"timed out after {self.args.timeout * len(group):.0f} s" if rc == "timeout"
+                    else f"worker died (exit {rc}{_signame(rc)})")
+            on_result({"provider": culprit, "status": "error", "reason": f"{what}: {_tail(err, 400)}",
+                       "stderr_tail": _tail(err, 3000)})
+            rest = [p for p in missing if p != culprit]
+            if rest:
+                queue.insert(0, rest)
+
+
+class ZygoteDied(Exception):
+    pass
+
+
+class Zygote:
+    """Client of ``python -m bench._worker --zygote`` (a fork server with torch imported), one per
+    allocator setting, since the allocator reads THP_MEM_ALLOC_ENABLE once per process."""
+
+    def __init__(self, env: dict, log_path: str):
+        self.log = open(log_path, "w")
+        self.p = subprocess.Popen([sys.executable, "-m", "bench._worker", "--zygote"], cwd=REPO,
+                                  env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self.log)
+        self.buf = b""
+        line = self._line(time.monotonic() + 120)
+        if line != "ready":
+            self.close()
+            raise ZygoteDied(f"no ready line (got {line!r}); log: {_tail(_read(log_path))}")
+
+    def _line(self, deadline: float):
+        import select
+
+        fd = self.p.stdout.fileno()
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            r, _, _ = select.select([fd], [], [], left)
+            if not r:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise ZygoteDied(f"fork server exited ({self.p.poll()})")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode().strip()
+
+    def run(self, spec_path: str, timeout: float):
+        try:
+            self.p.stdin.write((spec_path + "\n").encode())
+            self.p.stdin.flush()
+        except OSError as e:
+            raise ZygoteDied(str(e))
+        line = self._line(time.monotonic() + 60)
+        if not line or not line.startswith("pid "):
+            raise ZygoteDied(f"unexpected reply {line!r}")
+        pid = int(line.split()[1])
+        line = self._line(time.monotonic() + timeout)
+        if line is None:  # the job ran past its time: kill it, collect the zygote's exit line
+            import signal
+
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._line(time.monotonic() + 60)
+            return "timeout"
+        parts = line.split()
+        if len(parts) != 3 or parts[0] != "exit":
+            raise ZygoteDied(f"unexpected reply {line!r}")
+        return int(parts[2])
+
+    def close(self):
+        try:
+            self.p.stdin.close()
+        except Exception:
+            pass
+        try:
+            self.p.wait(timeout=10)
+        except Exception:
+            self.p.kill()
+        self.log.close()
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _signame(rc):
+    if isinstance(rc, int) and rc < 0:
+        import signal
+
+        try:
+            return f", {signal.Signals(-rc).name}"
+        except ValueError:
+            return ""
+    return ""
+
+
+def _tail(s: str, n: int = 600) -> str:
+    s = (s or "").strip()
+    lines = [l for l in s.splitlines() if l.strip()]
+    s = " | ".join(lines[-6:])
+    return s if len(s) <= n else "..." + s[-n:]
+
+
+def print_env(probe: dict | None, args, cases, skipped, out):
+    w = lambda s="": print(s, file=out, flush=True)  # noqa: E731
+    w(f"fusedloss benchmarks: device {args.device}, repeats {args.repeats} (median; also min), "
+      f"warm-up {args.warmup}, max {args.max_time:g} s timing per measurement"
+      + (", QUICK" if args.quick else ""))
+    if not probe:
+        w("environment probe failed; see above")
+        return
+    e, m = probe["env"], probe.get("machine") or {}
+    w(f"torch {e['torch']} | python {e['python']} | CPU capability {e['cpu_capability']} | "
+      f"{e['threads']} threads of {e['cpu_count']} CPUs | {e.get('cpu_model') or ''}"
+      + (f" | GPU {e['gpu']}" if e.get("gpu") else ""))
+    w(f"git {e.get('git')} | THP sysfs: {e.get('thp_sysfs')} | load average at start "
+      f"{e.get('loadavg', '?')} (other work on the machine skews the numbers)")
+    fl = e.get("fusedloss", {})
+    line = f"fusedloss: import {fl.get('import')}"
+    if fl.get("version"):
+        line += f", version {fl['version']}"
+    b = fl.get("backends")
+    if isinstance(b, dict):
+        parts = []
+        for name, info in b.items():
+            if isinstance(info, dict) and "available" in info:
+                why = str(info.get("why", ""))
+                parts.append(f"{name} " + ("yes" if info["available"] else
+                                           f"no ({why[:90]}{'...' if len(why) > 90 else ''})"))
+            else:
+                parts.append(f"{name} {info}")
+        line += "; backends: " + ", ".join(parts)
+    elif b is not None:
+        line += f"; backends: {b}"
+    w(line)
+    for msg in fl.get("warnings", [])[:3]:
+        w(f"  fusedloss import warning: {msg}")
+    if m:
+        w(f"machine ({args.device}): copy {m['copy_GBps']:.1f} GB/s (read+write), exp "
+          f"{m['exp_Gelemps']:.2f} Gelem/s fp32, GEMM {m['gemm_fp32_GFLOPs']:.0f} GFLOP/s fp32")
+    memline = (
+        "memory: CUDA max_memory_allocated over the timed calls minus memory_allocated before them"
+        if args.device == "cuda" else
+        "memory: peak RSS over the timed calls (VmHWM, reset through /proc/self/clear_refs after "
+        "malloc_trim) minus RSS just before them (inputs and first logits resident, warm-up done); "
+        "a fresh process per provider, forked from a server that has only imported torch and "
+        "fusedloss" + (" (quick: one process per case, the peak reset between providers)"
+                       if args.shared else ""))
+    w(memline)
+    if skipped:
+        w("skipped (heavy on this device; --all or --only NAME to run): "
+          + ", ".join(c.name for c in skipped))
+    w()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    cases, skipped = select_cases(args)
+    if args.list:
+        for mod in H.loss_modules():
+            print(f"{mod.LOSS}: providers: " + ", ".join(mod.PROVIDERS))
+        for c in cases + skipped:
+            print(f"  {c.name:<40} {c.title}" + ("  [heavy: --all]" if c in skipped else ""))
+        return 0
+    if not cases:
+        print("no cases selected", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    thps = ["n/a"] if args.device == "cuda" else (["default", "on"] if args.thp == "both" else [args.thp])
+
+    tmp = tempfile.mkdtemp(prefix="fusedloss-bench-")
+    runner = None
+    try:
+        runner = Runner(args, tmp)
+        probe, perr = runner.probe()
+        if probe is None:
+            print(f"warning: environment probe failed, providers are tried blindly: {perr}",
+                  file=sys.stderr)
+        print_env(probe, args, cases, skipped, sys.stdout)
+        avail = (probe or {}).get("available", {})
+        machine = (probe or {}).get("machine")
+
+        from tqdm import tqdm
+
+        plan = []  # (case, thp, runnable, unavailable)
+        for c in cases:
+            a = avail.get(c.loss, {})
+            run = [p for p in c.providers if not a.get(p)]
+            # check targets first, in order of preference, so that the others can be compared
+            run = [p for p in c.check_order if p in run] + [p for p in run if p not in c.check_order]
+            for thp in thps:
+                plan.append((c, thp, run, {p: a[p] for p in c.providers if a.get(p)}))
+        total = sum(len(r) for _, _, r, _ in plan)
+        results = []
+        bar = tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True, file=sys.stderr,
+                   disable=None)  # a bar on a terminal; none in a log file
+        for case, thp, run, unavail in plan:
+            rows = {p: {"provider": p, "status": "unavailable", "reason": why}
+                    for p, why in unavail.items()}
+
+            def on_result(r, case=case, thp=thp, rows=rows):
+                rows[r["provider"]] = r
+                bar.update(1)
+
+            bar.set_postfix_str(f"{case.name} {thp}")
+            runner.run_case(case, run, thp, on_result)
+            ordered = [rows[p] for p in case.providers if p in rows]
+            for r in ordered:
+                r.update(loss=case.loss, case=case.name, thp=thp, device=args.device,
+                         logits_bytes=case.logits_bytes)
+                results.append(r)
+            tqdm.write(H.format_table(case, thp, ordered, machine, args.device) + "\n")
+        bar.close()
+
+        # summary, JSON, plot
+        failed = [r for r in results if r.get("status") == "ok" and r.get("check", {}).get("pass") is False]
+        errors = [r for r in results if r.get("status") == "error"]
+        suffix = f"{args.device}{'_quick' if args.quick else ''}"
+        json_path = os.path.join(args.out, f"bench_{suffix}.json")
+        png_path = os.path.join(args.out, f"bench_{suffix}.png")
+        H.dump_json(json_path, {
+            "args": vars(args),
+            "env": (probe or {}).get("env"),
+            "available": avail,
+            "machine": machine,
+            "cases": [c.to_json() for c in cases],
+            "skipped_cases": [c.name for c in skipped],
+            "providers": {m.LOSS: {k: v.desc for k, v in m.PROVIDERS.items()} for m in H.loss_modules()},
+            "results": results,
+            "wall_s": time.perf_counter() - t_start,
+        })
+        if not args.no_plot:
+            try:
+                H.write_plot(png_path, cases, results, args.device)
+            except Exception as e:  # a plot failure should not hide the numbers
+                print(f"warning: plot failed: {H.short_error(e)}", file=sys.stderr)
+                png_path = None
+        print(f"wrote {json_path}" + (f" and {png_path}" if png_path and not args.no_plot else ""))
+        for r in errors:
+            print(f"provider error: {r['case']} [{r['thp']}] {r['provider']}: {r.get('reason')}")
+        for r in failed:
+            print(f"CHECK FAILED: {r['case']} [{r['thp']}] {r['provider']} vs "
+                  f"{r['check'].get('target')}: {'; '.join(r['check']['fails'])}")
+        print(f"done in {time.perf_counter() - t_start:.0f} s: {len(results)} results, "
+              f"{sum(r.get('status') == 'ok' for r in results)} measured, {len(errors)} errors, "
+              f"{len(failed)} failed checks")
+        return 1 if failed else 0
+    finally:
+        if runner is not None:
+            runner.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        print("bench: harness crashed", file=sys.stderr)
+        sys.exit(2)

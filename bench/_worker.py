@@ -1,0 +1,275 @@
+"""Benchmark worker: ``python -m bench._worker SPEC.json``.
+
+Runs in a fresh process so that its peak RSS belongs to the providers it measures. Two modes:
+
+``probe``: environment, which providers can be imported here, and the machine's copy / exp / GEMM
+rates; writes one JSON object to ``spec["result_path"]``.
+
+``run``: builds the inputs of one case once, then for each provider in ``spec["providers"]``
+(one in a full run, several with --quick) appends a ``{"event": "start"}`` line and then its result
+line to ``spec["result_path"]`` (JSON lines), so that the parent can tell which provider took the
+process down if it dies.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import traceback
+import warnings
+
+
+def _append(path: str, obj: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(obj, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        c = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                           timeout=5).stdout.strip()
+        d = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True,
+                           text=True, timeout=5).stdout.strip()
+        return (c + ("+dirty" if d else "")) or None
+    except Exception:
+        return None
+
+
+def probe(spec: dict) -> dict:
+    import torch
+
+    from bench import _harness as H
+
+    device = spec["device"]
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "git": _git_commit(),
+        "device": device,
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            env["cpu_model"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
+    except OSError:
+        pass
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            env["thp_sysfs"] = f.read().strip()
+    except OSError:
+        env["thp_sysfs"] = None
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    fl = {}
+    with warnings.catch_warnings(record=True) as wl:
+        warnings.simplefilter("always")
+        try:
+            import fusedloss
+
+            fl["import"] = "ok"
+            fl["version"] = getattr(fusedloss, "__version__", None)
+            fl["path"] = getattr(fusedloss, "__file__", None)
+            if hasattr(fusedloss, "backends"):
+                try:
+                    fl["backends"] = fusedloss.backends()
+                except Exception as e:
+                    fl["backends"] = f"error: {H.short_error(e)}"
+        except Exception as e:
+            fl["import"] = H.short_error(e)
+    fl["warnings"] = sorted({str(w.message)[:300] for w in wl})
+    env["fusedloss"] = fl
+
+    avail = {}
+    for mod in H.loss_modules():
+        a = {}
+        for name, prov in mod.PROVIDERS.items():
+            reason = None
+            if prov.devices and device not in prov.devices:
+                reason = f"needs {' or '.join(prov.devices)}"
+            else:
+                for dotted in prov.requires:
+                    try:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            H.resolve(dotted)
+                    except Exception as e:
+                        reason = f"{dotted}: {H.short_error(e, 200)}"
+                        break
+            a[name] = reason
+        avail[mod.LOSS] = a
+    machine = None
+    if not spec.get("no_machine"):
+        machine = H.machine_context(device)
+    return {"env": env, "available": avail, "machine": machine}
+
+
+def run(spec: dict) -> None:
+    import torch
+
+    from bench import _harness as H
+
+    device = spec["device"]
+    out_path = spec["result_path"]
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    case = H.Case.from_json(spec["case"])
+    mod = H.module_for_loss(case.loss)
+    opts = dict(spec.get("opts", {}))
+    inputs = mod.make_inputs(case, device, seed=int(spec.get("seed", 0)))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    target_path = os.path.join(spec["cache_dir"], f"{case.name}.target.pt")
+    target_meta_path = target_path + ".json"
+    shared = len(spec["providers"]) > 1
+
+    for p in spec["providers"]:
+        _append(out_path, {"event": "start", "provider": p})
+        res = {"provider": p, "status": "ok", "shared_process": shared}
+        wl = []
+        runner = None
+        try:
+            with warnings.catch_warnings(record=True) as wl:
+                warnings.simplefilter("always")
+                try:
+                    runner = mod.make_runner(p, case, inputs, device, opts)
+                except (H.ProviderUnavailable, ImportError, AttributeError) as e:
+                    res.update(status="unavailable", reason=H.short_error(e))
+                else:
+                    prov = mod.PROVIDERS[p]
+                    reps = int(spec["repeats"])
+                    if prov.max_repeats:
+                        reps = min(reps, prov.max_repeats)
+                    res.update(H.measure(runner, device, int(spec["warmup"]), reps,
+                                         float(spec["max_time"]), min(3, reps)))
+            res["warnings"] = _warnings(wl)
+            if res["status"] == "ok":
+                res["check"] = _check(H, runner, case, p, target_path, target_meta_path)
+        except Exception as e:
+            res.update(status="error", reason=H.short_error(e),
+                       traceback=traceback.format_exc()[-3000:])
+            res.setdefault("warnings", _warnings(wl))
+        finally:
+            if runner is not None:
+                try:
+                    runner.teardown()
+                except Exception:
+                    pass
+            runner = None
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        _append(out_path, res)
+
+
+def _warnings(wl) -> list:
+    """Distinct warning messages, without deprecation chatter from library internals."""
+    keep = [w for w in wl if not issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    return sorted({str(w.message).replace("\n", " ")[:300] for w in keep})
+
+
+def _check(H, runner, case, provider, target_path, meta_path) -> dict:
+    import torch
+
+    out = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+           for k, v in runner.outputs().items()}
+    if os.path.exists(target_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        ref = torch.load(target_path)
+        c = H.check_outputs(out, ref, case.tol)
+        c["target"] = meta["provider"]
+        return c
+    if provider in case.check_order:
+        torch.save(out, target_path)
+        with open(meta_path, "w") as f:
+            json.dump({"provider": provider}, f)
+        return {"target": provider, "target_self": True}
+    return {"reason": "no check target (reference and torch eager did not run)"}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--zygote":
+        return zygote()
+    with open(argv[0]) as f:
+        spec = json.load(f)
+    if spec.get("mode") == "probe":
+        from bench import _harness as H
+
+        H.dump_json(spec["result_path"], probe(spec))
+        return 0
+    run(spec)
+    return 0
+
+
+def zygote() -> int:
+    """Fork server: import torch (and fusedloss, the loss files) once, then for each spec path read
+    from stdin fork a child that runs it with stdout/stderr in ``<spec>.log``. Protocol on stdout:
+    ``ready``, then per job ``pid N`` and ``exit N CODE`` (CODE < 0: killed by signal -CODE).
+
+    Forking saves the 2-4 s of imports per worker while each measurement still gets a process of its
+    own; nothing here runs a parallel region, touches CUDA or starts a compile pool before forking
+    (the same conditions under which DataLoader forks its workers after ``import torch``)."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)  # stray prints from the imports below must not reach the protocol pipe
+    import torch  # noqa: F401
+
+    from bench import _harness as H
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import fusedloss  # noqa: F401
+        except Exception:
+            pass  # the child imports it again and reports why it is unavailable
+        H.loss_modules()
+    proto.write("ready\n")
+    for line in sys.stdin:
+        spec_path = line.strip()
+        if not spec_path:
+            break
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            rc = 1
+            try:
+                proto.close()
+                fd = os.open(spec_path + ".log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                rc = main([spec_path])
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+                rc = 1
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(rc)
+        proto.write(f"pid {pid}\n")
+        _, status = os.waitpid(pid, 0)
+        proto.write(f"exit {pid} {os.waitstatus_to_exitcode(status)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

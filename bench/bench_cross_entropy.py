@@ -1,0 +1,157 @@
+"""Cross-entropy benchmark cases: LLM-shaped (tokens x vocabulary) logits, mean loss.
+
+fwd     logits that do not require grad (an eval / inference loss).
+fwdbwd  loss = provider(logits, target); loss.backward() (upstream gradient 1), with logits a fresh
+        non-leaf copy of a leaf ``base`` every repeat (see ``_harness.ProduceLogits``), so that
+        ``inplace_backward=True`` is legal and every provider gets the same thing.
+"""
+
+from __future__ import annotations
+
+from bench import _harness as H
+from bench._harness import Case, Provider, ProviderUnavailable, Runner
+
+LOSS = "cross_entropy"
+
+PROVIDERS = {
+    "fusedloss": Provider(requires=["fusedloss.cross_entropy"],
+                          desc="fusedloss.cross_entropy(backend='auto')"),
+    "fusedloss-inplace": Provider(requires=["fusedloss.cross_entropy"], modes=("fwdbwd",),
+                                  desc="fusedloss.cross_entropy(inplace_backward=True)"),
+    "torch eager": Provider(desc="torch.nn.functional.cross_entropy"),
+    "torch.compile": Provider(desc="torch.compile(F.cross_entropy), compiled in the warm-up"),
+    "reference": Provider(requires=["fusedloss.reference.cross_entropy"], max_repeats=3,
+                          desc="fusedloss.reference.cross_entropy (pure PyTorch spec)"),
+    "liger": Provider(requires=["liger_kernel.transformers.LigerCrossEntropyLoss"],
+                      devices=("cuda",), desc="liger_kernel LigerCrossEntropyLoss"),
+}
+
+CHECK_ORDER = ["reference", "torch eager"]
+
+FULL = [(4096, 32000, "fp32"), (2048, 128256, "fp32"), (2048, 128256, "bf16")]
+QUICK = [(1024, 8192, "fp32")]
+
+
+def _case(n: int, v: int, dtype: str, mode: str) -> Case:
+    elt = H.DTYPE_SIZE[dtype]
+    logits = n * v * elt
+    provs = [p for p, pr in PROVIDERS.items() if pr.modes is None or mode in pr.modes]
+    notes = []
+    if mode == "fwd":
+        floor = {"bytes": logits, "exp": n * v}
+        notes.append("fwd: logits do not require grad (eval loss); extra memory is everything "
+                     "the call allocates (torch eager: its log_softmax output, 1x logits)")
+    else:
+        floor = {"bytes": 2 * logits, "exp": n * v}
+        notes.append("fwd+bwd: mean loss, loss.backward(). Logits per repeat = a non-leaf clone of "
+                     "a leaf `base`, made before the timer, whose backward passes the gradient "
+                     "through uncopied (needed for inplace_backward, given to all); the harness "
+                     "drops its own reference before the call, like a training step does with "
+                     "lm_head logits. Extra memory includes base.grad (1x logits unless the "
+                     "provider writes it into the logits' memory, as fusedloss-inplace may)")
+        if n * v > (1 << 22):
+            notes.append("gradient checked on 256 evenly spaced rows (full loss)")
+    return Case(
+        loss=LOSS,
+        name=f"ce_{n}x{v}_{dtype}_{mode}",
+        mode=mode,
+        dtype=dtype,
+        dims={"N": n, "V": v},
+        providers=provs,
+        check_order=list(CHECK_ORDER),
+        logits_bytes=logits,
+        title=f"N={n} tokens, V={v}, {H.DTYPE_NAMES[dtype]}, {'fwd' if mode == 'fwd' else 'fwd+bwd'}",
+        tol=dict(H.DEFAULT_TOL[dtype]),
+        floor=floor,
+        notes=notes,
+    )
+
+
+def cases(device: str, quick: bool, dtype: str | None = None) -> list:
+    shapes = QUICK if quick else FULL
+    out, seen = [], set()
+    for n, v, dt in shapes:
+        dt = dtype or dt
+        for mode in ("fwd", "fwdbwd"):
+            c = _case(n, v, dt, mode)
+            if c.name not in seen:
+                seen.add(c.name)
+                out.append(c)
+    return out
+
+
+def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
+    import torch
+
+    g = H.make_generator(device, seed)
+    n, v = case.dims["N"], case.dims["V"]
+    base = H.randn_fast((n, v), H.torch_dtype(case.dtype), device, g, scale=2.0)
+    target = torch.randint(0, v, (n,), generator=g, device=device)
+    if case.mode == "fwdbwd":
+        base.requires_grad_(True)
+    return {"base": base, "target": target}
+
+
+class CERunner(Runner):
+    def __init__(self, fn, inputs: dict, mode: str):
+        self.fn = fn
+        self.base = inputs["base"]
+        self.target = inputs["target"]
+        self.mode = mode
+        self.logits = None
+        self.loss = None
+
+    def setup(self):
+        self.loss = None
+        if self.mode == "fwdbwd":
+            self.base.grad = None
+            self.logits = None
+            self.logits = H.ProduceLogits.apply(self.base)
+
+    def step(self):
+        if self.mode == "fwd":
+            self.loss = self.fn(self.base, self.target)
+            return
+        logits, self.logits = self.logits, None
+        loss = self.fn(logits, self.target)
+        del logits
+        loss.backward()
+        self.loss = loss.detach()
+
+    def outputs(self):
+        out = {"loss": self.loss}
+        if self.mode == "fwdbwd":
+            out["grad"] = H.sample_rows(self.base.grad)
+        return out
+
+    def teardown(self):
+        self.logits = None
+        self.loss = None
+        if self.base.requires_grad:
+            self.base.grad = None
+
+
+def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict) -> Runner:
+    import torch
+    import torch.nn.functional as F
+
+    backend = opts.get("backend", "auto")
+    if provider == "fusedloss":
+        ce = H.resolve("fusedloss.cross_entropy")
+        fn = lambda x, y: ce(x, y, backend=backend)  # noqa: E731
+    elif provider == "fusedloss-inplace":
+        ce = H.resolve("fusedloss.cross_entropy")
+        fn = lambda x, y: ce(x, y, inplace_backward=True, backend=backend)  # noqa: E731
+    elif provider == "torch eager":
+        fn = F.cross_entropy
+    elif provider == "torch.compile":
+        fn = torch.compile(lambda x, y: F.cross_entropy(x, y), dynamic=False)
+    elif provider == "reference":
+        fn = H.resolve("fusedloss.reference.cross_entropy")
+    elif provider == "liger":
+        if device != "cuda":
+            raise ProviderUnavailable("liger needs CUDA")
+        fn = H.resolve("liger_kernel.transformers.LigerCrossEntropyLoss")()
+    else:
+        raise ProviderUnavailable(f"unknown provider {provider!r}")
+    return CERunner(fn, inputs, case.mode)
