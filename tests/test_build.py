@@ -14,10 +14,11 @@ import fusedloss
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_py(code, **env):
-    """Run code in a fresh interpreter (imports happen once per process)."""
+def run_py(code, prefix="", **env):
+    """Run prefix + code in a fresh interpreter (imports happen once per process)."""
     full_env = {**os.environ, **env}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=full_env,
+    script = prefix + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -43,7 +44,7 @@ BLOCK_C = "import sys; sys.modules['fusedloss._C'] = None  # as if the extension
 
 
 def test_works_without_extension():
-    r = run_py(BLOCK_C + """
+    r = run_py(prefix=BLOCK_C, code="""
         import warnings, torch, torch.nn.functional as F
         import fusedloss
         b = fusedloss.backends()
@@ -69,7 +70,7 @@ def test_works_without_extension():
 
 
 def test_require_ext_turns_missing_extension_into_import_error():
-    r = run_py(BLOCK_C + "import fusedloss\n", FUSEDLOSS_REQUIRE_EXT="1")
+    r = run_py("import fusedloss\n", prefix=BLOCK_C, FUSEDLOSS_REQUIRE_EXT="1")
     assert r.returncode != 0 and "FUSEDLOSS_REQUIRE_EXT" in r.stderr, r.stderr
 
 
