@@ -510,3 +510,35 @@ def test_reference_backend_and_env_override(monkeypatch):
     close(got, F.cross_entropy(x, t), torch.float32, "reference backend")
     monkeypatch.setenv("FUSEDLOSS_BACKEND", "reference")
     close(fusedloss.cross_entropy(x, t), F.cross_entropy(x, t), torch.float32, "env override")
+
+
+@pytest.mark.slow
+def test_more_than_2_pow_31_elements_bf16():
+    """pytorch#111484 / Liger: N x V > 2**31 must not overflow a 32-bit offset. CPU backend (the
+    interpreter is too slow at this size); zero rows have loss log(C) exactly and the last row is
+    random, checked against torch on that row alone."""
+    if not fusedloss.backends()["cpu"]["available"]:
+        pytest.skip(fusedloss.backends()["cpu"]["why"])
+    c = 32768
+    n = 2**31 // c + 2  # 2**31 + 65536 elements: the last rows sit past every 32-bit offset
+    x = torch.zeros(n, c, dtype=torch.bfloat16)
+    last = (torch.randn(c) * 3).to(torch.bfloat16)
+    x[-1] = last
+    t = torch.zeros(n, dtype=torch.int64)
+    t[-1] = c - 5
+    x.requires_grad_(True)
+    loss = fusedloss.cross_entropy(x, t, reduction="none", backend="cpu")
+    up = torch.zeros(n, dtype=torch.bfloat16)
+    up[[0, -2, -1]] = 1
+    loss.backward(up)
+    xl = last.double().requires_grad_(True)
+    want = F.cross_entropy(xl[None], t[-1:])
+    want.backward()
+    assert abs(loss[-1].double() - want).item() <= 2e-2 * abs(want.item())
+    torch.testing.assert_close(x.grad[-1].double(), xl.grad, atol=2e-3, rtol=2e-2)
+    log_c = torch.tensor(float(c)).log().item()
+    assert abs(loss[-2].float().item() - log_c) < 5e-2 and abs(loss[0].float().item() - log_c) < 5e-2
+    g_zero = torch.full((c,), 1.0 / c, dtype=torch.float64)
+    g_zero[0] -= 1
+    torch.testing.assert_close(x.grad[-2].double(), g_zero, atol=1e-3, rtol=1e-2)
+    assert (x.grad[1] == 0).all()  # upstream 0 rows: scaled to exactly 0

@@ -92,7 +92,11 @@ def _scaled_grad(grad: Tensor, grad_loss: Tensor, backend: str, *, inplace: bool
     if inplace or (uniform and grad_loss.device.type != "cpu"):
         scale_grad_(grad, grad_loss, backend)
         return grad
-    return (grad * grad_loss.unsqueeze(1)).to(grad.dtype)
+    # A copy scaled by the kernel: float32 math rounded once, without the float32 temporary of
+    # the size of the logits that a promoting `grad * grad_loss` would make for half inputs.
+    out = grad.clone()
+    scale_grad_(out, grad_loss, backend)
+    return out
 
 
 def _backward(ctx, grad_loss, grad_lse, grad_grad):
