@@ -1,8 +1,9 @@
 """``python -m bench``: every loss x provider at realistic shapes; tables, JSON and a PNG.
 
-Each (case, provider, allocator setting) runs in a fresh ``python -m bench._worker`` process so
-that its peak memory is its own (with --quick, one process per case runs all providers in turn,
-resetting the peak between them). Exit status: 0 when every correctness check passed (providers
+Each (case, provider, allocator setting) runs in a process of its own, forked from a server
+(``python -m bench._worker --zygote``, one per allocator setting) that has imported torch and
+fusedloss, so that its peak memory is its own and start-up costs milliseconds (--no-fork: a fresh
+interpreter per job). Exit status: 0 when every correctness check passed (providers
 that are unavailable or raise are reported, not fatal), 1 when a check failed, 2 on bad arguments
 or a harness crash.
 """
@@ -43,8 +44,7 @@ def parse_args(argv=None):
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
                     help="default: cuda if available, else cpu")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run (<1 min on CPU): small shapes, 3 repeats, default allocator, "
-                         "one worker process per case")
+                    help="smoke run (<1 min on CPU): small shapes, 3 repeats, default allocator")
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results"),
                     help="directory for the JSON and PNG")
     ap.add_argument("--only", default=None,
@@ -65,11 +65,12 @@ def parse_args(argv=None):
                     help="CPU allocator setting(s): the default, THP_MEM_ALLOC_ENABLE=1, or both "
                          "(default: both; --quick: default)")
     ap.add_argument("--all", action="store_true",
-                    help="include the heavy cases (on CPU: linear CE at V=128256, ~minutes each)")
-    ap.add_argument("--shared-process", dest="shared", action="store_true", default=None,
-                    help="run all providers of a case in one worker (default with --quick)")
-    ap.add_argument("--process-per-provider", dest="shared", action="store_false",
-                    help="one fresh worker per provider (default without --quick)")
+                    help="include the heavy cases (on CPU: linear CE at V=128256, minutes per "
+                         "provider); naming a heavy case exactly in --only also runs it")
+    ap.add_argument("--shared-process", dest="shared", action="store_true", default=False,
+                    help="run all providers of a case in one worker process (memory then only "
+                         "approximate: glibc may serve a provider's buffers from heap memory that an "
+                         "earlier provider freed, or keep freed buffers resident)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in workers")
     ap.add_argument("--backend", default="auto", help="backend= passed to fusedloss providers")
     ap.add_argument("--seed", type=int, default=0)
@@ -95,8 +96,6 @@ def parse_args(argv=None):
         args.max_time = 2.0 if args.quick else (6.0 if cpu else 10.0)
     if args.thp is None:
         args.thp = "default" if args.quick else "both"
-    if args.shared is None:
-        args.shared = args.quick
     if args.dtype is not None:
         if args.dtype.lower() not in H.DTYPE_ALIASES:
             ap.error(f"--dtype: unknown dtype {args.dtype!r}")
@@ -123,7 +122,7 @@ def select_cases(args):
                 c.providers = [p for p in c.providers if p in provs]
                 if not c.providers:
                     continue
-            if c.heavy and not args.all and not (only and any(o in c.name for o in only)):
+            if c.heavy and not args.all and not (only and c.name in only):
                 skipped.append(c)
                 continue
             cases.append(c)
@@ -250,7 +249,7 @@ class Runner:
             culprit = started[-1] if started and started[-1] in missing else missing[0]
             what = (f"timed out after {self.args.timeout * len(group):.0f} s" if rc == "timeout"
                     else f"worker died (exit {rc}{_signame(rc)})")
-            on_result({"provider": culprit, "status": "error", "reason": f"{what}: {_tail(err, 400)}",
+            on_result({"provider": culprit, "status": "error", "reason": f"{what}: {_crash_summary(err)}",
                        "stderr_tail": _tail(err, 3000)})
             rest = [p for p in missing if p != culprit]
             if rest:
@@ -350,6 +349,16 @@ def _signame(rc):
     return ""
 
 
+def _crash_summary(err: str) -> str:
+    """faulthandler's 'Fatal Python error' line and the innermost frame, else the output's tail."""
+    lines = [l.strip() for l in (err or "").splitlines() if l.strip()]
+    fatal = next((i for i, l in enumerate(lines) if l.startswith("Fatal Python error")), None)
+    if fatal is None:
+        return _tail(err, 400)
+    frame = next((l for l in lines[fatal:] if l.startswith("File ")), "")
+    return f"{lines[fatal]} at {frame}" if frame else lines[fatal]
+
+
 def _tail(s: str, n: int = 600) -> str:
     s = (s or "").strip()
     lines = [l for l in s.splitlines() if l.strip()]
@@ -400,11 +409,11 @@ def print_env(probe: dict | None, args, cases, skipped, out):
         "memory: peak RSS over the timed calls (VmHWM, reset through /proc/self/clear_refs after "
         "malloc_trim) minus RSS just before them (inputs and first logits resident, warm-up done); "
         "a fresh process per provider, forked from a server that has only imported torch and "
-        "fusedloss" + (" (quick: one process per case, the peak reset between providers)"
-                       if args.shared else ""))
+        "fusedloss" + ("; BUT --shared-process runs all providers of a case in one process, the "
+                       "peak reset between them, so memory is approximate" if args.shared else ""))
     w(memline)
     if skipped:
-        w("skipped (heavy on this device; --all or --only NAME to run): "
+        w("skipped (heavy on this device; --all, or its exact name in --only, runs it): "
           + ", ".join(c.name for c in skipped))
     w()
 
@@ -442,18 +451,25 @@ def main(argv=None) -> int:
         plan = []  # (case, thp, runnable, unavailable)
         for c in cases:
             a = avail.get(c.loss, {})
+            provs = H.module_for_loss(c.loss).PROVIDERS
             run = [p for p in c.providers if not a.get(p)]
             # check targets first, in order of preference, so that the others can be compared
             run = [p for p in c.check_order if p in run] + [p for p in run if p not in c.check_order]
             for thp in thps:
-                plan.append((c, thp, run, {p: a[p] for p in c.providers if a.get(p)}))
+                skip = {p: ("unavailable", a[p]) for p in c.providers if a.get(p)}
+                for p in run:
+                    only = provs[p].thp_settings
+                    if thp != "n/a" and only and thp not in only and len(thps) > 1:
+                        skip[p] = ("skipped", f"timed under the {'/'.join(only)} allocator setting "
+                                              f"only (see that table)")
+                plan.append((c, thp, [p for p in run if p not in skip], skip))
         total = sum(len(r) for _, _, r, _ in plan)
         results = []
         bar = tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True, file=sys.stderr,
                    disable=None)  # a bar on a terminal; none in a log file
         for case, thp, run, unavail in plan:
-            rows = {p: {"provider": p, "status": "unavailable", "reason": why}
-                    for p, why in unavail.items()}
+            rows = {p: {"provider": p, "status": st, "reason": why}
+                    for p, (st, why) in unavail.items()}
 
             def on_result(r, case=case, thp=thp, rows=rows):
                 rows[r["provider"]] = r

@@ -22,7 +22,6 @@ import math
 import os
 import pkgutil
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
@@ -65,6 +64,7 @@ class Provider:
     devices / modes: where it applies (None = everywhere).
     max_repeats: cap on the timed repeats (for the slow reference).
     not_quick_on: devices where --quick skips it.
+    thp_settings: on CPU, the allocator settings it is timed under (the slow reference: default).
     """
 
     requires: list = dataclasses.field(default_factory=list)
@@ -73,6 +73,7 @@ class Provider:
     max_repeats: int | None = None
     desc: str = ""
     not_quick_on: tuple = ()       # devices where --quick leaves it out (too slow for a smoke run)
+    thp_settings: tuple | None = None  # CPU allocator settings it runs under (None = all)
 
 
 @dataclasses.dataclass
@@ -366,7 +367,7 @@ def measure(runner: Runner, device: str, warmup: int, repeats: int, max_time: fl
     runner.setup()
     meter.start()
     baseline = meter.base
-    times = []
+    times, trace = [], []
     t_start = time.perf_counter()
     for i in range(max(1, repeats)):
         if i:
@@ -376,6 +377,8 @@ def measure(runner: Runner, device: str, warmup: int, repeats: int, max_time: fl
         runner.step()
         sync()
         times.append(time.perf_counter() - t0)
+        if device == "cpu":
+            trace.append((rss_bytes() >> 20, hwm_bytes() >> 20))
         if i + 1 >= min_repeats and time.perf_counter() - t_start > max_time:
             break
     extra = meter.stop()
@@ -388,6 +391,7 @@ def measure(runner: Runner, device: str, warmup: int, repeats: int, max_time: fl
         "extra_bytes": extra,
         "warmup_extra_bytes": warmup_extra,  # includes compilation for torch.compile
         "baseline_bytes": baseline,
+        "mem_trace_mib": trace,  # CPU: (RSS, peak RSS) after each timed call, for digging
         # lifetime peak, floored by what the process inherited at exec/fork: not used, for reference
         "ru_maxrss_lifetime_bytes": ru_maxrss_bytes() if device == "cpu" else None,
     }
@@ -623,7 +627,8 @@ def write_plot(path: str, cases: list, results: list, device: str) -> None:
                 xs = [i + (ti - (len(thps) - 1) / 2) * width for i in range(len(provs))]
                 lab = {"default": "THP default", "on": "THP on", "n/a": device}[thp]
                 bars = ax.bar(xs, vals, width=width, label=lab)
-                ax.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=6, padding=1)
+                ax.bar_label(bars, labels=[(f"{v:.0f}" if v >= 100 else f"{v:.3g}") if v else ""
+                                           for v in vals], fontsize=6, padding=1)
                 allv.extend(v for v in vals if v > 0)
             if key == "median_ms" and allv and max(allv) / min(allv) > 30:
                 ax.set_yscale("log")
@@ -632,13 +637,12 @@ def write_plot(path: str, cases: list, results: list, device: str) -> None:
             ax.set_xticklabels(provs, rotation=15, fontsize=8)
             ax.set_title(f"{case.name}: {label}", fontsize=9)
             if key == "extra_bytes":
-                ax.axhline(case.logits_bytes / MiB, color="gray", ls="--", lw=0.8)
-                ax.text(len(provs) - 0.5, case.logits_bytes / MiB, " logits size", fontsize=7,
-                        va="bottom", ha="right", color="gray")
+                ax.axhline(case.logits_bytes / MiB, color="gray", ls="--", lw=0.8, label="logits size")
+                ax.legend(fontsize=7, loc="upper left")
             if len(thps) > 1 and ci == 0 and col == 0:
                 ax.legend(fontsize=8)
     fig.suptitle(f"fusedloss benchmarks on {device}", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -1,6 +1,8 @@
-"""Benchmark worker: ``python -m bench._worker SPEC.json``.
+"""Benchmark worker: ``python -m bench._worker SPEC.json`` (or ``--zygote``, the fork server).
 
-Runs in a fresh process so that its peak RSS belongs to the providers it measures. Two modes:
+Each job runs in a process of its own so that its peak RSS belongs to the providers it measures.
+The parent normally sends jobs to a fork server (``--zygote``: torch and fusedloss imported once,
+one server per allocator setting) and falls back to a fresh interpreter per job. Job modes:
 
 ``probe``: environment, which providers can be imported here, and the machine's copy / exp / GEMM
 rates; writes one JSON object to ``spec["result_path"]``.
@@ -205,6 +207,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--zygote":
         return zygote()
+    import faulthandler
+
+    faulthandler.enable()  # a crashing provider leaves a Python traceback in the worker's log
     with open(argv[0]) as f:
         spec = json.load(f)
     if spec.get("mode") == "probe":
