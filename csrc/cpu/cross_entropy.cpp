@@ -5,6 +5,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -37,7 +38,6 @@ void advise_huge_pages(const Tensor& t) {
   constexpr uintptr_t kMinBytes = uintptr_t(4) << 20;
   const uintptr_t nbytes = static_cast<uintptr_t>(t.nbytes());
   if (nbytes < kMinBytes) return;
-  if (std::getenv("FL_NO_MADV")) return;  // XXX experiment
   const uintptr_t page = 4096;
   const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t b = (p + page - 1) & ~(page - 1);

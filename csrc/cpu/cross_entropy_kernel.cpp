@@ -3,15 +3,17 @@
 //
 // Three paths, by the layout of the (N, C, D) input:
 //  - rows: class stride 1 (the (N, C) logits of a language model). Per row, pass 1 reads the row
-//    once from memory in L1-sized chunks, each chunk twice: its max (lane-wise, NaN-propagating),
-//    then the sum of exp(x - max) into several independent accumulators (plus the sums label
-//    smoothing or probability targets need); pass 2 writes the gradient once while the row is
-//    still in L2. A softcapped row is first staged as softcapped float logits in a per-thread row
-//    buffer, so the tanh is evaluated once per element.
+//    from memory once, in L1-sized chunks, each chunk twice: its max (lane-wise, NaN-propagating),
+//    then exp(x - max) into several independent sum accumulators (plus the sums label smoothing
+//    or probability targets need). With class-index targets the exp values are kept in a
+//    per-thread row buffer (it stays in L2), so pass 2 writes the gradient with one multiply per
+//    element: one exp per element in all. A softcapped row is first staged as softcapped float
+//    logits in a per-thread row buffer, so the tanh is evaluated once per element.
 //  - spatial: spatial stride 1 and D > 1 (segmentation logits (N, C, H*W)). A tile of consecutive
 //    positions is one vector pair; the tile's C x pair logits are staged in a small buffer
 //    (converted, softcapped) and every lane runs its own softmax over c.
-//  - generic: any other strides. Each row is gathered into a buffer and goes through the rows path.
+//  - any other strides go through the rows path, with the rows that are not contiguous gathered
+//    into (or, for the gradient, scattered from) per-thread row buffers.
 // All math in float (double for double input); the per-row formulas are the shared header's.
 #include "cross_entropy_kernel.h"
 
@@ -24,12 +26,12 @@
 #include <fusedloss/cross_entropy.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <type_traits>
-#include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #ifndef CPU_CAPABILITY
@@ -52,10 +54,30 @@ struct AccOf<double> {
 template <typename T>
 using acc_t = typename AccOf<T>::type;
 
-// exp: ATen's polynomial with <= 20 ulp for float (exact at 0, 0 below the float range), Sleef's
-// 1-ulp exp for double. It does not propagate NaN; rows with a NaN logit are caught through their
-// lse instead (the lane max does propagate NaN).
+// exp of arguments <= 0 (every exp here is of x - max). It need not propagate NaN: rows with a NaN
+// logit are caught through their lse instead (the lane max does propagate NaN).
+// float, AVX-512: n = round(x log2 e), r = x - n ln2 (Cody-Waite), exp(r) by ATen's degree-5
+// polynomial (|r| <= ln2/2: <= 2e-7 relative), times 2^n by scalef; 0 below -87 (no denormals).
+// Fewer instructions than Vectorized::exp_u20, which the other copies use (ATen's <= 20 ulp
+// version of the same polynomial); Sleef's 1-ulp exp for double.
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vectorized<float> vexp(const Vectorized<float>& v) {
+  const __m512 x = v;
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00828929059f), r, _mm512_set1_ps(0.0418978221f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166676521f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.499991506f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.999999701f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+#else
 inline Vectorized<float> vexp(const Vectorized<float>& v) { return v.exp_u20(); }
+#endif
 inline Vectorized<double> vexp(const Vectorized<double>& v) { return v.exp(); }
 
 template <typename V>
@@ -123,61 +145,6 @@ struct Io<c10::BFloat16> : IoReduced<c10::BFloat16> {};
 template <>
 struct Io<c10::Half> : IoReduced<c10::Half> {};
 
-// Non-temporal ("streaming") stores of a pair to memory aligned to kStreamAlign bytes: a large
-// gradient that will not be read again soon goes straight to memory, without first reading every
-// line into the cache (read-for-ownership), which is a third of the memory traffic of a row.
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int64_t kStreamAlign = 64;
-#elif defined(CPU_CAPABILITY_AVX2)
-constexpr int64_t kStreamAlign = 32;
-#else
-constexpr int64_t kStreamAlign = 0;  // no streaming stores in the generic copy
-#endif
-
-template <typename O, typename V>
-inline void store_pair_stream(O* p, const V& a, const V& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<O, float>) {
-    _mm512_stream_ps(p, a);
-    _mm512_stream_ps(p + V::size(), b);
-  } else if constexpr (std::is_same_v<O, double>) {
-    _mm512_stream_pd(p, a);
-    _mm512_stream_pd(p + V::size(), b);
-  } else {
-    const __m512i v = at::vec::convert_from_float<O>(a, b);
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<O, float>) {
-    _mm256_stream_ps(p, a);
-    _mm256_stream_ps(p + V::size(), b);
-  } else if constexpr (std::is_same_v<O, double>) {
-    _mm256_stream_pd(p, a);
-    _mm256_stream_pd(p + V::size(), b);
-  } else {
-    const __m256i v = at::vec::convert_from_float<O>(a, b);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
-  }
-#else
-  Io<O>::store(p, a, b);
-#endif
-}
-
-inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();
-#endif
-}
-
-// Elements of p to write before p reaches kStreamAlign alignment (-1: it never will).
-template <typename O>
-inline int64_t stream_head(const O* p) {
-  if (kStreamAlign == 0) return -1;
-  const auto a = reinterpret_cast<uintptr_t>(p);
-  if (a % sizeof(O) != 0) return -1;
-  return static_cast<int64_t>(((kStreamAlign - a % kStreamAlign) % kStreamAlign) / sizeof(O));
-}
-
 template <typename V>
 inline typename V::value_type hsum(const V& v) {
   alignas(64) typename V::value_type buf[V::size()];
@@ -196,12 +163,16 @@ struct Lse {
 };
 
 template <typename A>
-inline Lse<A> make_lse(A m, A s) {
+inline Lse<A> make_lse_log(A m, A log_s) {
   if (std::isnan(m) || m == std::numeric_limits<A>::infinity()) {
     return {kNaN<A>, kNaN<A>, kNaN<A>};  // NaN logit (the max propagates it), or +inf (as torch)
   }
-  const A log_s = std::log(s);
   return {m, log_s, m + log_s};  // all -inf row: lowest + log(0) = -inf
+}
+
+template <typename A>
+inline Lse<A> make_lse(A m, A s) {
+  return make_lse_log(m, std::log(s));
 }
 
 // Merge lane-wise partial states (max m_l, sum s_l of exp(x - m_l)) into the row's.
@@ -209,15 +180,11 @@ template <typename A>
 inline Lse<A> merge_lanes(const Vectorized<A>& m, const Vectorized<A>& s) {
   constexpr int64_t n = Vectorized<A>::size();
   alignas(64) A mb[n];
-  alignas(64) A sb[n];
   m.store(mb);
-  s.store(sb);
   A M = kLowest<A>;
   for (int64_t l = 0; l < n; ++l) M = nan_max(M, mb[l]);
   if (std::isnan(M) || M == std::numeric_limits<A>::infinity()) return make_lse(M, A(0));
-  A S = 0;
-  for (int64_t l = 0; l < n; ++l) S += sb[l] * std::exp(mb[l] - M);
-  return make_lse(M, S);
+  return make_lse(M, hsum(s * vexp(m - Vectorized<A>(M))));  // all -inf row: S = 0
 }
 
 // Elements per chunk of pass 1: read twice (max, then exp-sum) while in L1.
@@ -228,16 +195,41 @@ constexpr int64_t kChunk = 2048;
 
 enum SumMode { kNoSum = 0, kSumX = 1, kSumWX = 2 };
 
-// Pass 1 over a contiguous row of C logits (already softcapped if softcap is on): returns lse;
-// `sum` gets sum_c x_c (kSumX) or sum_c w_c x_c (kSumWX), for label smoothing.
-template <int MODE, typename X, typename A = acc_t<X>>
-Lse<A> pass1_index(const X* x, int64_t C, const A* w, A& sum) {
+// Per-thread scratch of the rows path: the exp(x - m_chunk) values of pass 1 and each chunk's
+// (lane-wise) max, so that pass 2 needs no exp per element: p_c = e_c * exp(m_chunk - m - log_s).
+template <typename A>
+struct RowScratch {
+  std::vector<A> e, m;
+  void reserve(int64_t C) {
+    constexpr int64_t P = 2 * Vectorized<A>::size();
+    e.resize((C + P - 1) / P * P);
+    m.resize(((C + kChunk - 1) / kChunk + 1) * Vectorized<A>::size());
+  }
+};
+
+// Pass 1 over a contiguous row of C logits (already softcapped if softcap is on): the row's lse;
+// `sum` gets sum_c x_c (kSumX) or sum_c w_c x_c (kSumWX), for label smoothing. With STORE, e gets
+// exp(x_c - m_chunk) (zero past C, up to a whole pair) and mc each chunk's max (a vector).
+template <int MODE, bool STORE, typename X, typename A = acc_t<X>>
+Lse<A> pass1_index(const X* x, int64_t C, const A* w, A& sum, A* e, A* mc) {
   using IO = Io<X>;
   using V = Vectorized<A>;
   constexpr int64_t P = IO::kPair;
   constexpr int64_t VS = V::size();
   V m(kLowest<A>);  // finite start: a lane that only sees -inf keeps s = 0 instead of NaN
   V s0(0), s1(0), s2(0), s3(0), a0(0), a1(0), a2(0), a3(0);
+  auto rescale = [&](const V& mn) {  // new running max: rescale the sums
+    const V f = vexp(m - mn);
+    s0 = s0 * f;
+    s1 = s1 * f;
+    s2 = s2 * f;
+    s3 = s3 * f;
+    m = mn;
+    if constexpr (STORE) {
+      m.store(mc);
+      mc += VS;
+    }
+  };
   const int64_t Cf = C - C % P;
   for (int64_t c0 = 0; c0 < Cf; c0 += kChunk) {
     const int64_t c1 = std::min(c0 + kChunk, Cf);
@@ -255,21 +247,22 @@ Lse<A> pass1_index(const X* x, int64_t C, const A* w, A& sum) {
       IO::load(x + c, v0, v1);
       m0 = vmax(m0, vmax(v0, v1));
     }
-    const V mn = vmax(m0, m1);
-    const V f = vexp(m - mn);
-    s0 = s0 * f;
-    s1 = s1 * f;
-    s2 = s2 * f;
-    s3 = s3 * f;
-    m = mn;
+    rescale(vmax(m0, m1));
     for (c = c0; c + 2 * P <= c1; c += 2 * P) {
       V v0, v1, v2, v3;
       IO::load(x + c, v0, v1);
       IO::load(x + c + P, v2, v3);
-      s0 = s0 + vexp(v0 - m);
-      s1 = s1 + vexp(v1 - m);
-      s2 = s2 + vexp(v2 - m);
-      s3 = s3 + vexp(v3 - m);
+      const V e0 = vexp(v0 - m), e1 = vexp(v1 - m), e2 = vexp(v2 - m), e3 = vexp(v3 - m);
+      s0 = s0 + e0;
+      s1 = s1 + e1;
+      s2 = s2 + e2;
+      s3 = s3 + e3;
+      if constexpr (STORE) {
+        e0.store(e + c);
+        e1.store(e + c + VS);
+        e2.store(e + c + 2 * VS);
+        e3.store(e + c + 3 * VS);
+      }
       if constexpr (MODE == kSumX) {
         a0 = a0 + v0;
         a1 = a1 + v1;
@@ -285,8 +278,13 @@ Lse<A> pass1_index(const X* x, int64_t C, const A* w, A& sum) {
     if (c < c1) {
       V v0, v1;
       IO::load(x + c, v0, v1);
-      s0 = s0 + vexp(v0 - m);
-      s1 = s1 + vexp(v1 - m);
+      const V e0 = vexp(v0 - m), e1 = vexp(v1 - m);
+      s0 = s0 + e0;
+      s1 = s1 + e1;
+      if constexpr (STORE) {
+        e0.store(e + c);
+        e1.store(e + c + VS);
+      }
       if constexpr (MODE == kSumX) {
         a0 = a0 + v0;
         a1 = a1 + v1;
@@ -296,7 +294,7 @@ Lse<A> pass1_index(const X* x, int64_t C, const A* w, A& sum) {
       }
     }
   }
-  if (Cf < C) {  // tail of < P elements; loaded zero-filled, masked to -inf for the softmax
+  if (Cf < C) {  // tail of < P elements, its own chunk; zero-filled, masked to -inf for the softmax
     const int64_t n = C - Cf;
     const int64_t n0 = std::min<int64_t>(n, VS);
     V v0, v1;
@@ -304,15 +302,14 @@ Lse<A> pass1_index(const X* x, int64_t C, const A* w, A& sum) {
     const V ninf(-std::numeric_limits<A>::infinity());
     const V x0 = V::set(ninf, v0, n0);
     const V x1 = V::set(ninf, v1, n - n0);
-    const V mn = vmax(m, vmax(x0, x1));
-    const V f = vexp(m - mn);
-    s0 = s0 * f;
-    s1 = s1 * f;
-    s2 = s2 * f;
-    s3 = s3 * f;
-    m = mn;
-    s0 = s0 + vexp(x0 - m);
-    s1 = s1 + vexp(x1 - m);
+    rescale(vmax(m, vmax(x0, x1)));
+    const V e0 = vexp(x0 - m), e1 = vexp(x1 - m);
+    s0 = s0 + e0;
+    s1 = s1 + e1;
+    if constexpr (STORE) {
+      e0.store(e + Cf);
+      e1.store(e + Cf + VS);
+    }
     if constexpr (MODE == kSumX) {
       a0 = a0 + v0;
       a1 = a1 + v1;
@@ -327,86 +324,63 @@ Lse<A> pass1_index(const X* x, int64_t C, const A* w, A& sum) {
   return merge_lanes<A>(m, (s0 + s1) + (s2 + s3));
 }
 
-// Pass 2: g_c = coef_a * p_c - coef_s * (WS ? w_c : 1), times 1 - (x_c / cap)^2 when
-// CAPPED (x is then the softcapped logit). The target column is fixed by the caller.
-template <bool CAPPED, bool WS, bool STREAM, typename X, typename O, typename A>
-void pass2_index(const X* x, O* g, int64_t C, const A* w, const Lse<A>& lse, A coef_a, A coef_s,
-                 A cap) {
+// Pass 2 from pass 1's scratch: g_c = coef_a * p_c - coef_s * (WS ? w_c : 1), times
+// 1 - (x_c / cap)^2 when CAPPED (x is then the softcapped logit). The target column is fixed by
+// the caller.
+template <bool CAPPED, bool WS, typename X, typename O, typename A>
+void pass2_index(const X* x, const A* e, const A* mc, O* g, int64_t C, const A* w,
+                 const Lse<A>& lse, A coef_a, A coef_s, A cap) {
   using V = Vectorized<A>;
-  constexpr int64_t P = Io<X>::kPair;
+  constexpr int64_t P = Io<O>::kPair;
   constexpr int64_t VS = V::size();
-  static_assert(Io<O>::kPair == P, "same pair width");
+  static_assert(Io<X>::kPair == P, "same pair width");
   const V vm(lse.m), vls(lse.log_s), va(coef_a), vs(coef_s), vcap(cap), one(1);
-  auto grad = [&](const V& v, int64_t c) {
-    V r = va * vexp((v - vm) - vls);
+  V f;  // coef_a * exp(m_chunk - m - log_s), lane-wise
+  auto grad = [&](int64_t c, const V& xv, const V& wv) {
+    V r = V::loadu(e + c) * f;
     if constexpr (WS) {
-      r = r - vs * V::loadu(w + c);
+      r = r - vs * wv;
     } else {
       r = r - vs;
     }
     if constexpr (CAPPED) {
-      const V u = v / vcap;
+      const V u = xv / vcap;
       r = r * (one - u * u);
     }
     return r;
   };
+  auto pair = [&](int64_t c, V& g0, V& g1) {
+    V x0, x1, w0, w1;
+    if constexpr (CAPPED) Io<X>::load(x + c, x0, x1);
+    if constexpr (WS) {
+      w0 = V::loadu(w + c);
+      w1 = V::loadu(w + c + VS);
+    }
+    g0 = grad(c, x0, w0);
+    g1 = grad(c + VS, x1, w1);
+  };
+  auto next_chunk = [&]() {
+    f = va * vexp((V::loadu(mc) - vm) - vls);
+    mc += VS;
+  };
   const int64_t Cf = C - C % P;
-  int64_t c = 0;
-  for (; c + 2 * P <= Cf; c += 2 * P) {
-    V v0, v1, v2, v3;
-    Io<X>::load(x + c, v0, v1);
-    Io<X>::load(x + c + P, v2, v3);
-    if constexpr (STREAM) {
-      store_pair_stream(g + c, grad(v0, c), grad(v1, c + VS));
-      store_pair_stream(g + c + P, grad(v2, c + P), grad(v3, c + P + VS));
-    } else {
-      Io<O>::store(g + c, grad(v0, c), grad(v1, c + VS));
-      Io<O>::store(g + c + P, grad(v2, c + P), grad(v3, c + P + VS));
+  for (int64_t c0 = 0; c0 < Cf; c0 += kChunk) {
+    const int64_t c1 = std::min(c0 + kChunk, Cf);
+    next_chunk();
+    for (int64_t c = c0; c < c1; c += P) {
+      V g0, g1;
+      pair(c, g0, g1);
+      Io<O>::store(g + c, g0, g1);
     }
   }
-  if (c < Cf) {
-    V v0, v1;
-    Io<X>::load(x + c, v0, v1);
-    if constexpr (STREAM) {
-      store_pair_stream(g + c, grad(v0, c), grad(v1, c + VS));
-    } else {
-      Io<O>::store(g + c, grad(v0, c), grad(v1, c + VS));
-    }
-    c += P;
+  if (Cf < C) {
+    const int64_t n = C - Cf;
+    next_chunk();
+    V x0, x1, w0, w1;
+    if constexpr (CAPPED) Io<X>::load_n(x + Cf, n, x0, x1);
+    if constexpr (WS) Io<A>::load_n(w + Cf, n, w0, w1);
+    Io<O>::store_n(g + Cf, n, grad(Cf, x0, w0), grad(Cf + VS, x1, w1));
   }
-  if (c < C) {
-    const int64_t n = C - c;
-    V v0, v1;
-    Io<X>::load_n(x + c, n, v0, v1);
-    if constexpr (WS) {  // w has only n elements left: stage them
-      alignas(64) A wb[P] = {};
-      std::copy(w + c, w + C, wb);
-      auto grad_w = [&](const V& v, const V& wv) {
-        V r = va * vexp((v - vm) - vls) - vs * wv;
-        if constexpr (CAPPED) {
-          const V u = v / vcap;
-          r = r * (one - u * u);
-        }
-        return r;
-      };
-      Io<O>::store_n(g + c, n, grad_w(v0, V::loadu(wb)), grad_w(v1, V::loadu(wb + VS)));
-    } else {
-      Io<O>::store_n(g + c, n, grad(v0, c), grad(v1, c + VS));
-    }
-  }
-}
-
-// pass2_index, with streaming stores from the first aligned element when `stream`.
-template <bool CAPPED, bool WS, typename X, typename O, typename A>
-void pass2_index_any(bool stream, const X* x, O* g, int64_t C, const A* w, const Lse<A>& lse,
-                     A coef_a, A coef_s, A cap) {
-  const int64_t h = stream ? stream_head(g) : -1;
-  if (h < 0 || h >= C) {
-    pass2_index<CAPPED, WS, false>(x, g, C, w, lse, coef_a, coef_s, cap);
-    return;
-  }
-  if (h > 0) pass2_index<CAPPED, WS, false>(x, g, h, w, lse, coef_a, coef_s, cap);
-  pass2_index<CAPPED, WS, true>(x + h, g + h, C - h, WS ? w + h : w, lse, coef_a, coef_s, cap);
 }
 
 template <typename A>
@@ -417,7 +391,6 @@ struct Ctx {
   A ls, z, scale, cap;
   int64_t ignore_index;
   bool capped;
-  bool stream;  // streaming stores for the gradient rows
 };
 
 template <typename O>
@@ -426,14 +399,20 @@ inline void fill(O* g, int64_t C, O v) {
 }
 
 // One row, class-index target y (already checked). x contiguous (softcapped when CAPPED), g the
-// row's contiguous gradient or nullptr.
+// row's contiguous gradient or nullptr (then scratch may be nullptr too).
 template <int MODE, bool CAPPED, typename X, typename O, typename A>
-void index_row(const X* x, O* g, const Ctx<A>& k, int64_t y, A* loss_out, A* lse_out) {
+void index_row(const X* x, O* g, const Ctx<A>& k, int64_t y, RowScratch<A>* scratch, A* loss_out,
+               A* lse_out) {
   A sum = 0;
-  const Lse<A> L = pass1_index<MODE>(x, k.C, k.w, sum);
+  const bool ignored = y == k.ignore_index;
+  const bool grad = g != nullptr && !ignored;
+  const Lse<A> L = grad ? pass1_index<MODE, true>(x, k.C, k.w, sum, scratch->e.data(),
+                                                  scratch->m.data())
+                        : pass1_index<MODE, false>(x, k.C, k.w, sum, static_cast<A*>(nullptr),
+                                                   static_cast<A*>(nullptr));
   const A lse = L.lse;
   *lse_out = lse;
-  if (y == k.ignore_index) {
+  if (ignored) {
     *loss_out = A(0) * k.scale;
     if (g) fill(g, k.C, O(0));
     return;
@@ -443,13 +422,13 @@ void index_row(const X* x, O* g, const Ctx<A>& k, int64_t y, A* loss_out, A* lse
   const A d = (L.m - xs_y) + L.log_s;  // lse - xs_y
   const ce::IndexRow<A> r = ce::index_row_diff<A>(lse, d, wy, k.W, sum, k.ls, k.z, k.C);
   *loss_out = r.loss * k.scale;
-  if (!g) return;
+  if (!grad) return;
   if (!std::isfinite(lse)) {  // NaN or infinite logits: NaN gradient, as torch
     fill(g, k.C, O(kNaN<A>));
     return;
   }
-  pass2_index_any<CAPPED, MODE == kSumWX>(k.stream, x, g, k.C, k.w, L, k.scale * r.A,
-                                          k.scale * r.smooth, k.cap);
+  pass2_index<CAPPED, MODE == kSumWX>(x, scratch->e.data(), scratch->m.data(), g, k.C, k.w, L,
+                                      k.scale * r.A, k.scale * r.smooth, k.cap);
   A gy = ce::index_grad_target_diff(r, -d, wy);
   if constexpr (CAPPED) gy *= ce::softcap_grad(xs_y, k.cap);
   g[y] = static_cast<O>(k.scale * gy);
@@ -605,8 +584,6 @@ inline void check_target(int64_t y, int64_t C, int64_t ignore_index) {
   if (y != ignore_index && (y < 0 || y >= C)) bad_target(y, C, ignore_index);
 }
 
-constexpr int64_t kStreamMinBytes = int64_t(64) << 20;
-
 template <typename A>
 Ctx<A> make_ctx(const CrossEntropyArgs& a) {
   Ctx<A> k;
@@ -617,10 +594,6 @@ Ctx<A> make_ctx(const CrossEntropyArgs& a) {
   k.z = static_cast<A>(a.z_loss);
   k.scale = static_cast<A>(a.grad_scale);
   k.capped = a.softcap > 0;
-  // Stream a large fresh gradient to memory; in place, its lines are already in cache.
-  const int64_t grad_bytes = a.N * a.C * a.D * static_cast<int64_t>(c10::elementSize(a.dtype));
-  k.stream = a.grad != nullptr && a.grad != a.input && grad_bytes >= kStreamMinBytes;
-  if (const char* e = std::getenv("FL_STREAM")) k.stream = a.grad != nullptr && e[0] == '1';  // XXX experiment
   k.cap = k.capped ? static_cast<A>(a.softcap) : A(0);
   k.ignore_index = a.ignore_index;
   return k;
@@ -677,13 +650,14 @@ void stage_softcap(const T* x, A* buf, int64_t C, A cap) {
   for (; c < C; ++c) buf[c] = ce::softcap_fwd(static_cast<A>(x[c]), cap);
 }
 
-// Rows path (class stride 1 for input, gradient and probability target) or, with `generic`, any
-// strides through per-row gather / scatter buffers.
+// Rows path: every layout that is not the spatial one. A tensor whose class stride is 1 is used
+// in place; otherwise its row goes through a per-thread buffer (gathered before, or, for the
+// gradient, scattered after). Probability targets take the buffers for all three unless all three
+// have class stride 1.
 template <typename T>
-void run_rows(const CrossEntropyArgs& a, bool generic) {
+void run_rows(const CrossEntropyArgs& a) {
   using A = acc_t<T>;
-  Ctx<A> k = make_ctx<A>(a);
-  if (generic) k.stream = false;  // rows go through a buffer
+  const Ctx<A> k = make_ctx<A>(a);
   const int64_t C = a.C, D = a.D, rows = a.N * a.D;
   const T* x = static_cast<const T*>(a.input);
   T* g = static_cast<T*>(a.grad);
@@ -691,77 +665,84 @@ void run_rows(const CrossEntropyArgs& a, bool generic) {
   const bool prob = tp != nullptr;
   A* loss = static_cast<A*>(a.loss);
   A* lse = static_cast<A*>(a.lse);
+  bool x_direct = a.in_sc == 1, g_direct = g == nullptr || a.gr_sc == 1;
+  const bool t_direct = !prob || a.tg_sc == 1;
+  if (prob && !(x_direct && g_direct && t_direct)) {
+    x_direct = false;
+    g_direct = g == nullptr;
+  }
+  const bool stage_x = k.capped || !x_direct;  // logits through xbuf (softcapped and/or gathered)
+  const bool stage_t = prob && !x_direct;       // probability targets through tbuf
   const int64_t grain = std::max<int64_t>(1, 32768 / C);
 
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<A> xbuf, tbuf, gbuf;
-    if (generic || k.capped) xbuf.resize(C);
-    if (generic && prob) tbuf.resize(C);
-    if (generic && g) gbuf.resize(C);
+    std::vector<A> xbuf(stage_x ? C : 0), gbuf(g_direct ? 0 : C), tbuf(stage_t ? C : 0);
+    RowScratch<A> scratch;
+    if (g && !prob) scratch.reserve(C);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / D, d = r - n * D;
       const T* xr = x + n * a.in_sn + d * a.in_sd;
       T* gr = g ? g + n * a.gr_sn + d * a.gr_sd : nullptr;
-      const T* tr = prob ? tp + n * a.tg_sn + d * a.tg_sd : nullptr;
-      int64_t y = 0;
-      if (!prob) {
-        y = a.target_index[r];
-        check_target(y, C, k.ignore_index);
-      }
-      if (!generic) {
-        if (!k.capped) {
-          if (prob) {
-            with_bool(k.w != nullptr, [&](auto hw) {
-              prob_row<decltype(hw)::value, false>(xr, tr, gr, k, loss + r, lse + r);
-            });
-          } else {
-            with_sum_mode(k, [&](auto mode) {
-              index_row<decltype(mode)::value, false>(xr, gr, k, y, loss + r, lse + r);
-            });
-          }
-        } else {
-          stage_softcap(xr, xbuf.data(), C, k.cap);
-          if (prob) {
-            with_bool(k.w != nullptr, [&](auto hw) {
-              prob_row<decltype(hw)::value, true>(xbuf.data(), tr, gr, k, loss + r, lse + r);
-            });
-          } else {
-            with_sum_mode(k, [&](auto mode) {
-              index_row<decltype(mode)::value, true>(xbuf.data(), gr, k, y, loss + r, lse + r);
-            });
-          }
-        }
-        continue;
-      }
-      // Generic strides: gather (and softcap) the row, run it contiguous, scatter the gradient.
+      A* gb = g_direct ? nullptr : gbuf.data();
       A* xb = xbuf.data();
-      for (int64_t c = 0; c < C; ++c) xb[c] = static_cast<A>(xr[c * a.in_sc]);
-      if (k.capped) softcap_buffer(xb, C, k.cap);
-      A* gb = gr ? gbuf.data() : nullptr;
-      if (prob) {
-        A* tb = tbuf.data();
-        for (int64_t c = 0; c < C; ++c) tb[c] = static_cast<A>(tr[c * a.tg_sc]);
-        with_bool(k.w != nullptr, [&](auto hw) {
+      if (stage_x) {
+        if (x_direct) {
+          stage_softcap(xr, xb, C, k.cap);
+        } else {
+          for (int64_t c = 0; c < C; ++c) xb[c] = static_cast<A>(xr[c * a.in_sc]);
+          if (k.capped) softcap_buffer(xb, C, k.cap);
+        }
+      }
+      if (!prob) {
+        const int64_t y = a.target_index[r];
+        check_target(y, C, k.ignore_index);
+        with_sum_mode(k, [&](auto mode) {
+          constexpr int M = decltype(mode)::value;
+          if (!stage_x) {
+            if (gb) {
+              index_row<M, false>(xr, gb, k, y, &scratch, loss + r, lse + r);
+            } else {
+              index_row<M, false>(xr, gr, k, y, &scratch, loss + r, lse + r);
+            }
+            return;
+          }
           with_bool(k.capped, [&](auto cp) {
-            prob_row<decltype(hw)::value, decltype(cp)::value>(xb, static_cast<const A*>(tb), gb,
-                                                               k, loss + r, lse + r);
+            constexpr bool CP = decltype(cp)::value;
+            const A* xs = xb;
+            if (gb) {
+              index_row<M, CP>(xs, gb, k, y, &scratch, loss + r, lse + r);
+            } else {
+              index_row<M, CP>(xs, gr, k, y, &scratch, loss + r, lse + r);
+            }
           });
         });
       } else {
-        with_sum_mode(k, [&](auto mode) {
-          with_bool(k.capped, [&](auto cp) {
-            index_row<decltype(mode)::value, decltype(cp)::value>(
-                static_cast<const A*>(xb), gb, k, y, loss + r, lse + r);
-          });
+        const T* tr = tp + n * a.tg_sn + d * a.tg_sd;
+        with_bool(k.w != nullptr, [&](auto hw) {
+          constexpr bool HW = decltype(hw)::value;
+          if (x_direct && !stage_x) {  // all in place
+            prob_row<HW, false>(xr, tr, gr, k, loss + r, lse + r);
+          } else if (x_direct) {  // in place, softcapped logits staged
+            prob_row<HW, true>(static_cast<const A*>(xb), tr, gr, k, loss + r, lse + r);
+          } else {  // all through buffers
+            A* tb = tbuf.data();
+            for (int64_t c = 0; c < C; ++c) tb[c] = static_cast<A>(tr[c * a.tg_sc]);
+            with_bool(k.capped, [&](auto cp) {
+              prob_row<HW, decltype(cp)::value>(static_cast<const A*>(xb),
+                                                static_cast<const A*>(tb), gb, k, loss + r,
+                                                lse + r);
+            });
+          }
         });
       }
-      if (gr) {
+      if (gr && gb) {
         for (int64_t c = 0; c < C; ++c) gr[c * a.gr_sc] = static_cast<T>(gb[c]);
       }
     }
-    if (k.stream) stream_fence();
   });
 }
+
+constexpr int64_t kPrefetchTiles = 4;
 
 // Spatial path: input, gradient and probability target have spatial stride 1 (D > 1). One work
 // item is a tile of P = one pair of consecutive positions d of one n; lane l is row (n, d0 + l).
@@ -785,8 +766,11 @@ void run_spatial_impl(const CrossEntropyArgs& a) {
 
   at::parallel_for(0, N * tiles, grain, [&](int64_t i0, int64_t i1) {
     std::vector<A> xs(C * P);                 // staged (softcapped) logits, [c][lane]
+    std::vector<A> es(g ? C * P : 0);         // exp(x - m), [c][lane]
     std::vector<A> wts(PROB ? C * P : 0);     // probability mode: w_c t'_c, [c][lane]
-    alignas(64) A mb[P], sb[P], ab[P], bb[P], lb[P], lsb[P], cab[P], csb[P], fixm[P], fixv[P];
+    alignas(64) A mb[P], sb[P], lsb[P], ab[P], bb[P], qab[P], csb[P], fixm[P], fixv[P];
+    alignas(64) A db[P], eb[P], wyb[P];  // class-index mode: lse - xs_y, expm1(xs_y - lse), w_y
+    ce::IndexRow<A> rows[P];
     int64_t ys[P];
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t n = it / tiles, d0 = (it - n * tiles) * P;
@@ -803,6 +787,10 @@ void run_spatial_impl(const CrossEntropyArgs& a) {
       const V vcap(k.cap);
       V m0(kLowest<A>), m1(kLowest<A>);
       for (int64_t c = 0; c < C; ++c) {
+        // C strided streams, one pair each per tile: fetch a few tiles ahead (past the end of the
+        // row it only fetches a line we do not need).
+        const char* ahead = reinterpret_cast<const char*>(xb + c * a.in_sc + kPrefetchTiles * P);
+        for (int64_t b = 0; b < P * int64_t(sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
         V v0, v1;
         if (np == P) {
           IO::load(xb + c * a.in_sc, v0, v1);
@@ -823,8 +811,13 @@ void run_spatial_impl(const CrossEntropyArgs& a) {
       const V vkeep(keep), vadd(add);
       for (int64_t c = 0; c < C; ++c) {
         const V v0 = V::loadu(xs.data() + c * P), v1 = V::loadu(xs.data() + c * P + VS);
-        s0 = s0 + vexp(v0 - m0);
-        s1 = s1 + vexp(v1 - m1);
+        const V e0 = vexp(v0 - m0), e1 = vexp(v1 - m1);
+        s0 = s0 + e0;
+        s1 = s1 + e1;
+        if (g) {
+          e0.store(es.data() + c * P);
+          e1.store(es.data() + c * P + VS);
+        }
         if constexpr (PROB) {
           V t0, t1;
           const T* tb = tp + n * a.tg_sn + c * a.tg_sc + d0;
@@ -862,20 +855,19 @@ void run_spatial_impl(const CrossEntropyArgs& a) {
       a1.store(ab + VS);
       b0.store(bb);
       b1.store(bb + VS);
+      s0.log().store(lsb);
+      s1.log().store(lsb + VS);
       // Per-lane row results and gradient coefficients.
       for (int64_t l = 0; l < P; ++l) {
-        cab[l] = csb[l] = fixm[l] = fixv[l] = 0;
-        lb[l] = lsb[l] = 0;
+        qab[l] = csb[l] = fixm[l] = fixv[l] = db[l] = 0;
         if (l >= np) continue;
-        const Lse<A> L = make_lse(mb[l], sb[l]);
+        const Lse<A> L = make_lse_log(mb[l], lsb[l]);
         const A lse = L.lse;
-        lb[l] = lse;
-        lsb[l] = L.log_s;
         lse_out[row0 + l] = lse;
         if constexpr (PROB) {
           const ce::ProbRow<A> r = ce::prob_row<A>(lse, ab[l], bb[l], k.z);
           loss[row0 + l] = r.loss * k.scale;
-          cab[l] = k.scale * r.A;
+          qab[l] = k.scale * r.A / sb[l];  // p = e / s
           csb[l] = k.scale;
         } else {
           const int64_t y = ys[l];
@@ -889,8 +881,11 @@ void run_spatial_impl(const CrossEntropyArgs& a) {
           const A wy = k.w ? k.w[y] : A(1);
           const A d = (L.m - xs_y) + L.log_s;
           const ce::IndexRow<A> r = ce::index_row_diff<A>(lse, d, wy, k.W, ab[l], k.ls, k.z, C);
+          rows[l] = r;
+          db[l] = d;
+          wyb[l] = wy;
           loss[row0 + l] = r.loss * k.scale;
-          cab[l] = k.scale * r.A;
+          qab[l] = k.scale * r.A / sb[l];
           csb[l] = k.scale * r.smooth;
         }
         if (!std::isfinite(lse)) {
@@ -901,15 +896,13 @@ void run_spatial_impl(const CrossEntropyArgs& a) {
       if (!g) continue;
       // Gradient.
       const V zero(0), one(1);
-      const V l0 = V::loadu(lsb), l1 = V::loadu(lsb + VS);  // p = exp((x - m) - log_s)
-      const V ca0 = V::loadu(cab), ca1 = V::loadu(cab + VS);
+      const V qa0 = V::loadu(qab), qa1 = V::loadu(qab + VS);
       const V cs0 = V::loadu(csb), cs1 = V::loadu(csb + VS);
       const V fm0 = V::loadu(fixm) != zero, fm1 = V::loadu(fixm + VS) != zero;
       const V fv0 = V::loadu(fixv), fv1 = V::loadu(fixv + VS);
       T* gb = g + n * a.gr_sn + d0;
       for (int64_t c = 0; c < C; ++c) {
-        const V v0 = V::loadu(xs.data() + c * P), v1 = V::loadu(xs.data() + c * P + VS);
-        V g0 = ca0 * vexp((v0 - m0) - l0), g1 = ca1 * vexp((v1 - m1) - l1);
+        V g0 = qa0 * V::loadu(es.data() + c * P), g1 = qa1 * V::loadu(es.data() + c * P + VS);
         if constexpr (PROB) {
           g0 = g0 - cs0 * V::loadu(wts.data() + c * P);
           g1 = g1 - cs1 * V::loadu(wts.data() + c * P + VS);
@@ -922,7 +915,8 @@ void run_spatial_impl(const CrossEntropyArgs& a) {
           g1 = g1 - cs1;
         }
         if (k.capped) {
-          const V u0 = v0 / vcap, u1 = v1 / vcap;
+          const V u0 = V::loadu(xs.data() + c * P) / vcap;
+          const V u1 = V::loadu(xs.data() + c * P + VS) / vcap;
           g0 = g0 * (one - u0 * u0);
           g1 = g1 * (one - u1 * u1);
         }
@@ -935,15 +929,13 @@ void run_spatial_impl(const CrossEntropyArgs& a) {
         }
       }
       if constexpr (!PROB) {  // accurate target column
+        (zero - V::loadu(db)).expm1().store(eb);
+        (zero - V::loadu(db + VS)).expm1().store(eb + VS);
         for (int64_t l = 0; l < np; ++l) {
           const int64_t y = ys[l];
           if (y == k.ignore_index || fixm[l] != 0) continue;
-          const A xs_y = xs[y * P + l];
-          const A wy = k.w ? k.w[y] : A(1);
-          const A d = (mb[l] - xs_y) + lsb[l];
-          const ce::IndexRow<A> r = ce::index_row_diff<A>(lb[l], d, wy, k.W, ab[l], k.ls, k.z, C);
-          A gy = ce::index_grad_target_diff(r, -d, wy);
-          if (k.capped) gy *= ce::softcap_grad(xs_y, k.cap);
+          A gy = ce::index_grad_target_em1(rows[l], eb[l], wyb[l]);
+          if (k.capped) gy *= ce::softcap_grad(xs[y * P + l], k.cap);
           gb[y * a.gr_sc + l] = static_cast<T>(k.scale * gy);
         }
       }
@@ -969,11 +961,10 @@ void cross_entropy_typed(const CrossEntropyArgs& a) {
   const bool has_grad = a.grad != nullptr;
   const bool spatial = a.D > 1 && a.in_sd == 1 && (!has_grad || a.gr_sd == 1) &&
                        (!prob || a.tg_sd == 1);
-  const bool rows = a.in_sc == 1 && (!has_grad || a.gr_sc == 1) && (!prob || a.tg_sc == 1);
   if (spatial) {
     run_spatial<T>(a);
   } else {
-    run_rows<T>(a, /*generic=*/!rows);
+    run_rows<T>(a);
   }
 }
 

@@ -103,10 +103,16 @@ FL_HOST_DEVICE T index_grad_target(const IndexRow<T>& r, T xs_y, T lse, T wy) {
   return r.A * fl_expm1(xs_y - lse) + (r.A - r.target - r.smooth * wy);
 }
 
+// The same with expm1(xs_y - lse) already computed (by a vectorised caller).
+template <typename T>
+FL_HOST_DEVICE T index_grad_target_em1(const IndexRow<T>& r, T expm1_xs_y_minus_lse, T wy) {
+  return r.A * expm1_xs_y_minus_lse + (r.A - r.target - r.smooth * wy);
+}
+
 // The same with xs_y - lse passed in (see index_row_diff).
 template <typename T>
 FL_HOST_DEVICE T index_grad_target_diff(const IndexRow<T>& r, T xs_y_minus_lse, T wy) {
-  return r.A * fl_expm1(xs_y_minus_lse) + (r.A - r.target - r.smooth * wy);
+  return index_grad_target_em1(r, fl_expm1(xs_y_minus_lse), wy);
 }
 
 // Probability targets: per-row sums gathered in the first pass over the row.
