@@ -60,13 +60,17 @@ def _run(input, linear_weight, linear_bias, target, weight, grad_scale, row_scal
     grad_k = None
     if compute_grad:
         grad_k = grad_input if all_kept else input.new_empty(xs.shape)
+    # One logits buffer for every chunk: a fresh one per chunk would be allocated while the
+    # previous one is still referenced (two chunks of logits at the peak) and page-faulted anew.
+    buf = input.new_empty(min(chunk_size, rows.numel()), linear_weight.shape[0])
     for start, stop in _chunks(rows.numel(), chunk_size):
         x = xs[start:stop]
         t = ts[start:stop].unsqueeze(1)
+        logits = buf[: stop - start]
         if linear_bias is None:
-            logits = x @ linear_weight.T
+            torch.mm(x, linear_weight.T, out=logits)
         else:
-            logits = torch.addmm(linear_bias, x, linear_weight.T)
+            torch.addmm(linear_bias, x, linear_weight.T, out=logits)
         view = logits.unsqueeze(2)  # (rows, V, 1): the CE kernels' (N, C, D) layout
         args = (t, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap)
         if compute_grad:
@@ -143,6 +147,9 @@ def _(input, linear_weight, linear_bias, target, weight, grad_scale, ignore_inde
 def _setup_context(ctx, inputs, output):
     (input, linear_weight, linear_bias, target, weight, grad_scale, ignore_index, label_smoothing,
      z_loss, softcap, chunk_size, compute_grad, backend) = inputs
+    # No zero gradients materialised for the non-differentiable outputs: those of the gradient
+    # outputs would be as large as the gradients themselves.
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*output[1:])
     ctx.precomputed = compute_grad
     ctx.has_bias = linear_bias is not None
