@@ -106,6 +106,35 @@ def test_llm_vocab(backend, device, vocab):
     check(backend, device, x, t)
 
 
+@pytest.mark.parametrize("kind", ["index", "tail", "odd-c", "smoothed-weighted", "prob", "bf16"])
+def test_large_gradient(backend, device, kind):
+    """A gradient over 32 MiB: the CPU kernel writes it with streaming stores when its rows start
+    vector-aligned (whole vector pairs streamed; the target column and the row's tail stored as
+    usual). "tail": aligned rows with a tail that is not a whole pair (32784 = 1024.5 pairs of
+    AVX-512 floats); "odd-c": unaligned rows, which must fall back to ordinary stores."""
+    if backend != "cpu":
+        pytest.skip("a CPU kernel path; large for the interpreter")
+    c = {"tail": 32784, "odd-c": 32767}.get(kind, 32768)
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    n = 320 * 4 // dtype.itemsize  # x 32768 classes: 40 MiB of gradient
+    x = make((n, c), dtype)
+    t = targets((n,), c, ignore_frac=0.1)
+    t[0] = c - 1
+    kw = {}
+    if kind == "smoothed-weighted":
+        kw = {"weight": torch.rand(c) + 0.5, "label_smoothing": 0.1}
+    if kind == "prob":
+        t = torch.softmax(make((n, c)), 1)
+    if kind == "bf16":
+        got, g_got = run(fusedloss.cross_entropy, x, t, backend=backend)
+        want, g_want = run(reference.cross_entropy, x.double(), t)
+        assert g_got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want, rtol=8e-3, atol=0)  # 2 bf16 ulps
+        torch.testing.assert_close(g_got.double(), g_want, rtol=1e-2, atol=1e-9)
+        return
+    check(backend, device, x, t, **kw)
+
+
 def test_spatial_dims(backend, device):
     """(N, C, d1, d2): the class dimension is strided (segmentation logits)."""
     x = make((2, 5, 3, 4))

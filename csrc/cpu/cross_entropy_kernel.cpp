@@ -91,6 +91,41 @@ template <typename A>
 constexpr A kNaN = std::numeric_limits<A>::quiet_NaN();
 
 // ---------------------------------------------------------------------------------------------
+// Non-temporal ("streaming") stores of whole vectors, to kVecBytes-aligned addresses. A gradient
+// far larger than the caches is written once and not read again by this kernel: streamed, its
+// lines skip the read-for-ownership that an ordinary store does first (a third of the traffic)
+// and do not evict the row being read. Ordered by stream_fence() before the thread's work ends.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kVecBytes = 64;
+inline void stream_vec(float* p, const Vectorized<float>& v) { _mm512_stream_ps(p, v); }
+inline void stream_vec(double* p, const Vectorized<double>& v) { _mm512_stream_pd(p, v); }
+template <typename T>  // BFloat16, Half
+inline void stream_vec(T* p, const Vectorized<T>& v) {
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+}
+inline void stream_fence() { _mm_sfence(); }
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int64_t kVecBytes = 32;
+inline void stream_vec(float* p, const Vectorized<float>& v) { _mm256_stream_ps(p, v); }
+inline void stream_vec(double* p, const Vectorized<double>& v) { _mm256_stream_pd(p, v); }
+template <typename T>
+inline void stream_vec(T* p, const Vectorized<T>& v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+}
+inline void stream_fence() { _mm_sfence(); }
+#else
+constexpr int64_t kVecBytes = 0;  // no streaming: the generic copy stores as usual
+template <typename T, typename V>
+inline void stream_vec(T* p, const V& v) {
+  v.store(p);
+}
+inline void stream_fence() {}
+#endif
+
+// Streaming pays off only for a gradient well beyond the last-level cache.
+constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
+
+// ---------------------------------------------------------------------------------------------
 // Loads and stores of T memory as pairs of accumulation vectors. A "pair" (2 * V::size()
 // elements) is one Vectorized<BFloat16/Half>, converted to two Vectorized<float>.
 
@@ -127,6 +162,10 @@ struct Io : IoBase<T> {  // float, double
     a.store(p);
     b.store(p + kVec);
   }
+  static inline void stream(T* p, const V& a, const V& b) {
+    stream_vec(p, a);
+    stream_vec(p + kVec, b);
+  }
 };
 
 template <typename T>
@@ -138,6 +177,9 @@ struct IoReduced : IoBase<T> {  // BFloat16, Half
   }
   static inline void store(T* p, const V& a, const V& b) {
     at::vec::convert_from_float<T>(a, b).store(p);
+  }
+  static inline void stream(T* p, const V& a, const V& b) {
+    stream_vec(p, at::vec::convert_from_float<T>(a, b));
   }
 };
 template <>
@@ -329,7 +371,7 @@ Lse<A> pass1_index(const X* x, int64_t C, const A* w, A& sum, A* e, A* mc) {
 // the caller.
 template <bool CAPPED, bool WS, typename X, typename O, typename A>
 void pass2_index(const X* x, const A* e, const A* mc, O* g, int64_t C, const A* w,
-                 const Lse<A>& lse, A coef_a, A coef_s, A cap) {
+                 const Lse<A>& lse, A coef_a, A coef_s, A cap, bool stream) {
   using V = Vectorized<A>;
   constexpr int64_t P = Io<O>::kPair;
   constexpr int64_t VS = V::size();
@@ -370,7 +412,11 @@ void pass2_index(const X* x, const A* e, const A* mc, O* g, int64_t C, const A* 
     for (int64_t c = c0; c < c1; c += P) {
       V g0, g1;
       pair(c, g0, g1);
-      Io<O>::store(g + c, g0, g1);
+      if (stream) {
+        Io<O>::stream(g + c, g0, g1);
+      } else {
+        Io<O>::store(g + c, g0, g1);
+      }
     }
   }
   if (Cf < C) {
@@ -391,6 +437,7 @@ struct Ctx {
   A ls, z, scale, cap;
   int64_t ignore_index;
   bool capped;
+  bool stream;  // write the gradient's whole pairs with streaming stores (rows path only)
 };
 
 template <typename O>
@@ -428,7 +475,7 @@ void index_row(const X* x, O* g, const Ctx<A>& k, int64_t y, RowScratch<A>* scra
     return;
   }
   pass2_index<CAPPED, MODE == kSumWX>(x, scratch->e.data(), scratch->m.data(), g, k.C, k.w, L,
-                                      k.scale * r.A, k.scale * r.smooth, k.cap);
+                                      k.scale * r.A, k.scale * r.smooth, k.cap, k.stream);
   A gy = ce::index_grad_target_diff(r, -d, wy);
   if constexpr (CAPPED) gy *= ce::softcap_grad(xs_y, k.cap);
   g[y] = static_cast<O>(k.scale * gy);
@@ -516,7 +563,7 @@ Lse<A> pass1_prob(const X* x, const TT* t, int64_t C, const A* w, A keep, A add,
 // g_c = coef_a * p_c - scale * w_c t'_c, times the softcap factor when CAPPED.
 template <bool HAS_W, bool CAPPED, typename X, typename TT, typename O, typename A>
 void pass2_prob(const X* x, const TT* t, O* g, int64_t C, const A* w, const Lse<A>& lse, A coef_a,
-                A scale, A keep, A add, A cap) {
+                A scale, A keep, A add, A cap, bool stream) {
   using V = Vectorized<A>;
   constexpr int64_t P = Io<X>::kPair;
   constexpr int64_t VS = V::size();
@@ -541,7 +588,11 @@ void pass2_prob(const X* x, const TT* t, O* g, int64_t C, const A* w, const Lse<
       w0 = V::loadu(w + c);
       w1 = V::loadu(w + c + VS);
     }
-    Io<O>::store(g + c, grad(v0, t0, w0), grad(v1, t1, w1));
+    if (stream) {
+      Io<O>::stream(g + c, grad(v0, t0, w0), grad(v1, t1, w1));
+    } else {
+      Io<O>::store(g + c, grad(v0, t0, w0), grad(v1, t1, w1));
+    }
   }
   if (Cf < C) {
     const int64_t n = C - Cf;
@@ -567,7 +618,8 @@ void prob_row(const X* x, const TT* t, O* g, const Ctx<A>& k, A* loss_out, A* ls
     fill(g, k.C, O(kNaN<A>));
     return;
   }
-  pass2_prob<HAS_W, CAPPED>(x, t, g, k.C, k.w, L, k.scale * r.A, k.scale, keep, add, k.cap);
+  pass2_prob<HAS_W, CAPPED>(x, t, g, k.C, k.w, L, k.scale * r.A, k.scale, keep, add, k.cap,
+                            k.stream);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -596,6 +648,7 @@ Ctx<A> make_ctx(const CrossEntropyArgs& a) {
   k.capped = a.softcap > 0;
   k.cap = k.capped ? static_cast<A>(a.softcap) : A(0);
   k.ignore_index = a.ignore_index;
+  k.stream = false;
   return k;
 }
 
@@ -657,7 +710,7 @@ void stage_softcap(const T* x, A* buf, int64_t C, A cap) {
 template <typename T>
 void run_rows(const CrossEntropyArgs& a) {
   using A = acc_t<T>;
-  const Ctx<A> k = make_ctx<A>(a);
+  Ctx<A> k = make_ctx<A>(a);
   const int64_t C = a.C, D = a.D, rows = a.N * a.D;
   const T* x = static_cast<const T*>(a.input);
   T* g = static_cast<T*>(a.grad);
@@ -674,6 +727,14 @@ void run_rows(const CrossEntropyArgs& a) {
   const bool stage_x = k.capped || !x_direct;  // logits through xbuf (softcapped and/or gathered)
   const bool stage_t = prob && !x_direct;       // probability targets through tbuf
   const int64_t grain = std::max<int64_t>(1, 32768 / C);
+  // Stream a large gradient of its own (not in place: there the row was just read and is in
+  // cache) whose rows all start vector-aligned.
+  const auto aligned = [](const void* p) {
+    return kVecBytes > 0 && reinterpret_cast<uintptr_t>(p) % kVecBytes == 0;
+  };
+  k.stream = g != nullptr && g_direct && static_cast<const void*>(g) != a.input && D == 1 &&
+             aligned(g) && aligned(g + a.gr_sn) &&
+             rows * C * int64_t(sizeof(T)) >= kStreamMinBytes;
 
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     std::vector<A> xbuf(stage_x ? C : 0), gbuf(g_direct ? 0 : C), tbuf(stage_t ? C : 0);
@@ -739,6 +800,7 @@ void run_rows(const CrossEntropyArgs& a) {
         for (int64_t c = 0; c < C; ++c) gr[c * a.gr_sc] = static_cast<T>(gb[c]);
       }
     }
+    if (k.stream) stream_fence();
   });
 }
 
