@@ -100,6 +100,16 @@ class Case:
         return cls(**d)
 
 
+def unique_cases(cases) -> list:
+    """The cases in order, each name once (a --dtype override can map two shapes to one case)."""
+    out, seen = [], set()
+    for c in cases:
+        if c.name not in seen:
+            seen.add(c.name)
+            out.append(c)
+    return out
+
+
 class ProviderUnavailable(Exception):
     """Raised by make_runner when a provider cannot run here (import failed, wrong device...)."""
 

@@ -69,16 +69,8 @@ def _case(n: int, v: int, dtype: str, mode: str) -> Case:
 
 
 def cases(device: str, quick: bool, dtype: str | None = None) -> list:
-    shapes = QUICK if quick else FULL
-    out, seen = [], set()
-    for n, v, dt in shapes:
-        dt = dtype or dt
-        for mode in ("fwd", "fwdbwd"):
-            c = _case(n, v, dt, mode)
-            if c.name not in seen:
-                seen.add(c.name)
-                out.append(c)
-    return out
+    return H.unique_cases(_case(n, v, dtype or dt, mode) for n, v, dt in (QUICK if quick else FULL)
+                          for mode in ("fwd", "fwdbwd"))
 
 
 def make_inputs(case: Case, device: str, seed: int = 0) -> dict:

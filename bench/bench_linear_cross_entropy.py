@@ -77,13 +77,8 @@ def _case(n, h, v, dtype, heavy) -> Case:
 
 
 def cases(device: str, quick: bool, dtype: str | None = None) -> list:
-    out, seen = [], set()
-    for n, h, v, dt, heavy in (QUICK if quick else FULL):
-        c = _case(n, h, v, dtype or dt, heavy and device == "cpu")
-        if c.name not in seen:
-            seen.add(c.name)
-            out.append(c)
-    return out
+    return H.unique_cases(_case(n, h, v, dtype or dt, heavy and device == "cpu")
+                          for n, h, v, dt, heavy in (QUICK if quick else FULL))
 
 
 def make_inputs(case: Case, device: str, seed: int = 0) -> dict:

@@ -12,33 +12,23 @@ from . import functional as F
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
 
-class CrossEntropyLoss(torch.nn.Module):
-    """Drop-in for ``torch.nn.CrossEntropyLoss`` (same constructor arguments, same results), with
-    fusedloss's extras: ``z_loss``, ``softcap``, ``return_lse``, ``inplace_backward``, ``backend``.
-    ``weight`` is a buffer, as in torch, so it follows ``.to()``."""
+class _CrossEntropyOptions(torch.nn.Module):
+    """The cross-entropy arguments both modules keep. ``weight`` is a buffer, as in torch, so it
+    follows ``.to()``."""
 
-    def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100,
-                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
-                 z_loss: float = 0.0, softcap: Optional[float] = None, return_lse: bool = False,
-                 inplace_backward: bool = False, backend: str = "auto"):
+    def __init__(self, weight: Optional[Tensor], ignore_index: int, reduction: str,
+                 label_smoothing: float, z_loss: float, softcap: Optional[float], backend: str):
         super().__init__()
-        if size_average is not None or reduce is not None:
-            reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.softcap = softcap
-        self.return_lse = return_lse
-        self.inplace_backward = inplace_backward
         self.backend = backend
 
-    def forward(self, input: Tensor, target: Tensor):
-        return F.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
-                               self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-                               return_lse=self.return_lse, inplace_backward=self.inplace_backward,
-                               backend=self.backend)
+    def _extra(self) -> list[str]:
+        return []
 
     def extra_repr(self) -> str:
         extras = [f"ignore_index={self.ignore_index}", f"reduction={self.reduction!r}"]
@@ -48,12 +38,36 @@ class CrossEntropyLoss(torch.nn.Module):
             extras.append(f"z_loss={self.z_loss}")
         if self.softcap is not None:
             extras.append(f"softcap={self.softcap}")
-        if self.inplace_backward:
-            extras.append("inplace_backward=True")
-        return ", ".join(extras)
+        return ", ".join(extras + self._extra())
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
+class CrossEntropyLoss(_CrossEntropyOptions):
+    """Drop-in for ``torch.nn.CrossEntropyLoss`` (same constructor arguments, same results), with
+    fusedloss's extras: ``z_loss``, ``softcap``, ``return_lse``, ``inplace_backward``, ``backend``.
+    """
+
+    def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100,
+                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 z_loss: float = 0.0, softcap: Optional[float] = None, return_lse: bool = False,
+                 inplace_backward: bool = False, backend: str = "auto"):
+        if size_average is not None or reduce is not None:
+            reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+        super().__init__(weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                         backend)
+        self.return_lse = return_lse
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input: Tensor, target: Tensor):
+        return F.cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
+                               self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+                               return_lse=self.return_lse, inplace_backward=self.inplace_backward,
+                               backend=self.backend)
+
+    def _extra(self) -> list[str]:
+        return ["inplace_backward=True"] if self.inplace_backward else []
+
+
+class LinearCrossEntropyLoss(_CrossEntropyOptions):
     """``lm_head`` + cross-entropy in one op that never materialises the logits.
 
     Takes the projection weight at call time, so a tied embedding (``emb.weight``) works::
@@ -66,15 +80,9 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                  softcap: Optional[float] = None, chunk_size: Optional[int] = None,
                  backend: str = "auto"):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
+        super().__init__(weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                         backend)
         self.chunk_size = chunk_size
-        self.backend = backend
 
     def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
                 linear_bias: Optional[Tensor] = None) -> Tensor:
@@ -84,3 +92,6 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                                       label_smoothing=self.label_smoothing, z_loss=self.z_loss,
                                       softcap=self.softcap, chunk_size=self.chunk_size,
                                       backend=self.backend)
+
+    def _extra(self) -> list[str]:
+        return [] if self.chunk_size is None else [f"chunk_size={self.chunk_size}"]

@@ -105,6 +105,15 @@ def _round_bf16(x):
 # ----------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _row_tile(num_row_blocks, D, BLOCK_ROWS: tl.constexpr):
+    """This program's rows: one n and BLOCK_ROWS consecutive d (int64), and which d exist."""
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // num_row_blocks
+    d = (pid % num_row_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    return n, d, d < D
+
+
 @triton.jit(debug=True)  # debug=True: tl.device_assert is compiled in (it is dropped otherwise)
 def _cross_entropy_fwd_kernel(
     x_ptr, x_stride_n, x_stride_c, x_stride_d,
@@ -132,10 +141,7 @@ def _cross_entropy_fwd_kernel(
     EMULATE_RTNE: tl.constexpr,
 ):
     # Rows of this program: one n, BLOCK_ROWS consecutive d. Offsets are int64 from here on.
-    pid = tl.program_id(0).to(tl.int64)
-    n = pid // num_row_blocks
-    d = (pid % num_row_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_mask = d < D
+    n, d, row_mask = _row_tile(num_row_blocks, D, BLOCK_ROWS)
     rows = n * D + d  # index into the contiguous (N, D) loss / lse
     x_row = n * x_stride_n + d * x_stride_d
 
@@ -307,10 +313,7 @@ def _scale_grad_kernel(
     IS_SCALAR: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    n = pid // num_row_blocks
-    d = (pid % num_row_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_mask = d < D
+    n, d, row_mask = _row_tile(num_row_blocks, D, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = row_mask[:, None] & (cols < C)[None, :]
     ptrs = (grad_ptr + (n * grad_stride_n + d * grad_stride_d)[:, None]

@@ -190,6 +190,7 @@ def test_linear_cross_entropy_loss_module():
                                             chunk_size=4)
     assert [n for n, _ in m.named_buffers()] == ["weight"]
     assert m.state_dict().keys() == {"weight"}
+    assert "ignore_index=0" in repr(m) and "chunk_size=4" in repr(m)
     m = m.to(torch.float64)
     assert m.weight.dtype == torch.float64
     h = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)

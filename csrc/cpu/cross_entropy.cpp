@@ -7,7 +7,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #ifdef __linux__
@@ -37,7 +39,11 @@ void advise_huge_pages(const Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kMinBytes = uintptr_t(4) << 20;
   const uintptr_t nbytes = static_cast<uintptr_t>(t.nbytes());
-  if (nbytes < kMinBytes) return;
+  static const bool off = [] {
+    const char* v = std::getenv("FUSEDLOSS_CPU_HUGEPAGES");
+    return v != nullptr && std::string(v) == "0";
+  }();
+  if (off || nbytes < kMinBytes) return;
   const uintptr_t page = 4096;
   const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t b = (p + page - 1) & ~(page - 1);
