@@ -100,3 +100,61 @@ def test_linear_cross_entropy_fwd_bwd_peak():
     grads = (n * h + v * h) * 4
     chunk_logits = chunk * v * 4  # 31 MiB: a second chunk, or zeros of w's size, exceed the slack
     assert extra <= grads + chunk_logits + 16 * MIB, (extra / MIB, (grads + chunk_logits) / MIB)
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unavailable"
+
+
+def _huge_kib(env: dict) -> tuple[int, int]:
+    """AnonHugePages (KiB) of the mapping holding a fresh 64 MiB gradient, and of a control
+    buffer of that size that the test advises itself (does this machine give huge pages now?)."""
+    script = textwrap.dedent("""
+        import ctypes, mmap, torch, fusedloss
+
+        def huge_kib(ptr):
+            inside = False
+            with open("/proc/self/smaps") as f:
+                for line in f:
+                    head = line.split()[0]
+                    if "-" in head and not head.endswith(":"):
+                        lo, hi = (int(v, 16) for v in head.split("-"))
+                        inside = lo <= ptr < hi
+                    elif inside and head == "AnonHugePages:":
+                        return int(line.split()[1])
+
+        x = torch.randn(512, 32768, requires_grad=True)
+        fusedloss.cross_entropy(x, torch.randint(0, 32768, (512,))).backward()
+        grad = huge_kib(x.grad.data_ptr() + x.grad.nbytes // 2)
+        buf = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(64 << 20), 14)  # MADV_HUGEPAGE
+        ctypes.memset(addr, 1, 64 << 20)
+        print(grad, huge_kib(addr + (32 << 20)))
+    """)
+    base = {k: v for k, v in os.environ.items() if k != "FUSEDLOSS_CPU_HUGEPAGES"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=dict(base, FUSEDLOSS_BACKEND="cpu", **env), timeout=300)
+    assert out.returncode == 0, out.stderr
+    grad, control = out.stdout.split()[-2:]
+    return int(grad), int(control)
+
+
+def test_gradient_buffer_huge_pages():
+    """A large new gradient is advised to transparent huge pages (4 KiB first-touch faults cost
+    as much as the kernel); FUSEDLOSS_CPU_HUGEPAGES=0 turns that off."""
+    mode = _thp_mode()
+    if mode not in ("madvise", "always"):
+        pytest.skip(f"transparent huge pages: {mode}")
+    grad, control = _huge_kib({})
+    if control == 0:
+        pytest.skip("this machine gave no huge page to an advised buffer just now")
+    assert grad > 0
+    if mode == "madvise":  # only the advice makes huge pages
+        grad, control = _huge_kib({"FUSEDLOSS_CPU_HUGEPAGES": "0"})
+        assert grad == 0
