@@ -95,8 +95,10 @@ def _scaled_grad(grad: Tensor, grad_loss: Tensor, backend: str, *, inplace: bool
     if inplace or (uniform and grad_loss.device.type != "cpu"):
         scale_grad_(grad, grad_loss, backend)
         return grad
-    # A copy scaled by the kernel: float32 math rounded once, without the float32 temporary of
-    # the size of the logits that a promoting `grad * grad_loss` would make for half inputs.
+    if grad.dtype == grad_loss.dtype:  # float32/float64: one pass, nothing promoted
+        return grad * grad_loss.unsqueeze(1)
+    # Half: a copy scaled by the kernel, float32 math rounded once, without the float32 temporary
+    # of the size of the logits that a promoting `grad * grad_loss` would make.
     out = grad.clone()
     scale_grad_(out, grad_loss, backend)
     return out
