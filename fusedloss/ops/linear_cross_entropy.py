@@ -38,18 +38,15 @@ def _run(input, linear_weight, linear_bias, target, weight, grad_scale, row_scal
     n, h = input.shape
     acc = _acc_dtype(input.dtype)
     kernels = _backend.kernels("cross_entropy", backend)
-    loss = torch.zeros(n, dtype=acc, device=input.device)
-    if grad_scale is not None:
-        loss = loss * grad_scale  # ignored tokens give 0 * scale: NaN for an all-ignored 'mean'
-    lse = torch.zeros(n, dtype=acc, device=input.device)
+    rows = _kept_rows(target, ignore_index)
+    all_kept = rows.numel() == n  # no padding: chunks are plain slices, nothing to gather
     grad_input = grad_weight = grad_bias = None
     if compute_grad:
-        grad_input = torch.zeros_like(input)
+        # Every kept row of grad_input is written by a chunk; ignored rows stay 0.
+        grad_input = torch.empty_like(input) if all_kept else torch.zeros_like(input)
         grad_weight = torch.zeros(linear_weight.shape, dtype=acc, device=input.device)
         if linear_bias is not None:
             grad_bias = torch.zeros(linear_bias.shape, dtype=acc, device=input.device)
-    rows = _kept_rows(target, ignore_index)
-    all_kept = rows.numel() == n  # no padding: chunks are plain slices, nothing to gather
     xs = input if all_kept else input.index_select(0, rows)
     ts = target if all_kept else target.index_select(0, rows)
     scales = None
@@ -92,6 +89,10 @@ def _run(input, linear_weight, linear_bias, target, weight, grad_scale, row_scal
     if all_kept:
         loss, lse = loss_k, lse_k
     else:
+        loss = torch.zeros(n, dtype=acc, device=input.device)
+        if grad_scale is not None:
+            loss = loss * grad_scale  # ignored tokens give 0 * scale: NaN for an all-ignored 'mean'
+        lse = torch.zeros(n, dtype=acc, device=input.device)
         loss.index_copy_(0, rows, loss_k)
         lse.index_copy_(0, rows, lse_k)
         if compute_grad:
