@@ -114,6 +114,25 @@ def _row_tile(num_row_blocks, D, BLOCK_ROWS: tl.constexpr):
     return n, d, d < D
 
 
+@triton.jit
+def _logits_block(x_ptr, x_row, x_stride_c, start, C, row_mask, softcap,
+                  ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, EXPM1_TERMS: tl.constexpr):
+    """The (BLOCK_ROWS, BLOCK_SIZE) tile of (softcapped) logits at columns start.. in ACC_DTYPE,
+    with its column indices, int64 column offsets and mask; masked entries are -inf (they add
+    nothing to a softmax, and their gradient is never stored)."""
+    cols = start + tl.arange(0, BLOCK_SIZE)
+    col_mask = cols < C
+    col_off = cols.to(tl.int64)
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(x_ptr + x_row[:, None] + col_off[None, :] * x_stride_c, mask=mask,
+                other=float("-inf")).to(ACC_DTYPE)
+    if HAS_SOFTCAP:
+        sc = tl.full([], softcap, ACC_DTYPE)
+        x = tl.where(mask, sc * _tanh(x / sc, EXPM1_TERMS), float("-inf"))
+    return cols, col_mask, col_off, mask, x
+
+
 @triton.jit(debug=True)  # debug=True: tl.device_assert is compiled in (it is dropped otherwise)
 def _cross_entropy_fwd_kernel(
     x_ptr, x_stride_n, x_stride_c, x_stride_d,
@@ -190,14 +209,9 @@ def _cross_entropy_fwd_kernel(
     m = tl.full([BLOCK_ROWS], float("-inf"), ACC_DTYPE)
     s = tl.zeros([BLOCK_ROWS], ACC_DTYPE)
     for start in range(0, C, BLOCK_SIZE):
-        cols = start + tl.arange(0, BLOCK_SIZE)
-        col_mask = cols < C
-        col_off = cols.to(tl.int64)
-        mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(x_ptr + x_row[:, None] + col_off[None, :] * x_stride_c, mask=mask,
-                    other=float("-inf")).to(ACC_DTYPE)
-        if HAS_SOFTCAP:
-            x = tl.where(mask, sc * _tanh(x / sc, EXPM1_TERMS), float("-inf"))
+        cols, col_mask, col_off, mask, x = _logits_block(
+            x_ptr, x_row, x_stride_c, start, C, row_mask, softcap, ACC_DTYPE, BLOCK_SIZE,
+            HAS_SOFTCAP, EXPM1_TERMS)
         # tl.max may drop NaN; a NaN logit still reaches s through exp(NaN - m).
         m_new = tl.maximum(m, tl.max(x, axis=1), propagate_nan=tl.PropagateNan.ALL)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: s stays 0
@@ -264,14 +278,9 @@ def _cross_entropy_fwd_kernel(
             if HAS_SMOOTHING:
                 g_y -= smooth * w_y
         for start in range(0, C, BLOCK_SIZE):
-            cols = start + tl.arange(0, BLOCK_SIZE)
-            col_mask = cols < C
-            col_off = cols.to(tl.int64)
-            mask = row_mask[:, None] & col_mask[None, :]
-            x = tl.load(x_ptr + x_row[:, None] + col_off[None, :] * x_stride_c, mask=mask,
-                        other=float("-inf")).to(ACC_DTYPE)
-            if HAS_SOFTCAP:
-                x = sc * _tanh(x / sc, EXPM1_TERMS)
+            cols, col_mask, col_off, mask, x = _logits_block(
+                x_ptr, x_row, x_stride_c, start, C, row_mask, softcap, ACC_DTYPE, BLOCK_SIZE,
+                HAS_SOFTCAP, EXPM1_TERMS)
             g = A[:, None] * tl.exp((x - m[:, None]) - log_s[:, None])
             if HAS_WEIGHT and (PROB_TARGET or HAS_SMOOTHING):
                 w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
