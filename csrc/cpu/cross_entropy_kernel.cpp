@@ -272,6 +272,31 @@ Lse<A> pass1_index(const X* x, int64_t C, const A* w, A& sum, A* e, A* mc) {
       mc += VS;
     }
   };
+  // One pair at column c: exp(x - m) into the sums sa, sb (and e), the logits v (x is v masked
+  // to -inf past C, in the tail) into the smoothing sums aa, ab, weighted by load_w's pair.
+  auto add_pair = [&](int64_t c, const V& x0, const V& x1, const V& v0, const V& v1, V& sa,
+                      V& sb, V& aa, V& ab, auto&& load_w) {
+    const V e0 = vexp(x0 - m), e1 = vexp(x1 - m);
+    sa = sa + e0;
+    sb = sb + e1;
+    if constexpr (STORE) {
+      e0.store(e + c);
+      e1.store(e + c + VS);
+    }
+    if constexpr (MODE == kSumX) {
+      aa = aa + v0;
+      ab = ab + v1;
+    } else if constexpr (MODE == kSumWX) {
+      V w0, w1;
+      load_w(c, w0, w1);
+      aa = at::vec::fmadd(w0, v0, aa);
+      ab = at::vec::fmadd(w1, v1, ab);
+    }
+  };
+  auto load_w = [&](int64_t c, V& w0, V& w1) {
+    w0 = V::loadu(w + c);
+    w1 = V::loadu(w + c + VS);
+  };
   const int64_t Cf = C - C % P;
   for (int64_t c0 = 0; c0 < Cf; c0 += kChunk) {
     const int64_t c1 = std::min(c0 + kChunk, Cf);
@@ -294,46 +319,13 @@ Lse<A> pass1_index(const X* x, int64_t C, const A* w, A& sum, A* e, A* mc) {
       V v0, v1, v2, v3;
       IO::load(x + c, v0, v1);
       IO::load(x + c + P, v2, v3);
-      const V e0 = vexp(v0 - m), e1 = vexp(v1 - m), e2 = vexp(v2 - m), e3 = vexp(v3 - m);
-      s0 = s0 + e0;
-      s1 = s1 + e1;
-      s2 = s2 + e2;
-      s3 = s3 + e3;
-      if constexpr (STORE) {
-        e0.store(e + c);
-        e1.store(e + c + VS);
-        e2.store(e + c + 2 * VS);
-        e3.store(e + c + 3 * VS);
-      }
-      if constexpr (MODE == kSumX) {
-        a0 = a0 + v0;
-        a1 = a1 + v1;
-        a2 = a2 + v2;
-        a3 = a3 + v3;
-      } else if constexpr (MODE == kSumWX) {
-        a0 = at::vec::fmadd(V::loadu(w + c), v0, a0);
-        a1 = at::vec::fmadd(V::loadu(w + c + VS), v1, a1);
-        a2 = at::vec::fmadd(V::loadu(w + c + 2 * VS), v2, a2);
-        a3 = at::vec::fmadd(V::loadu(w + c + 3 * VS), v3, a3);
-      }
+      add_pair(c, v0, v1, v0, v1, s0, s1, a0, a1, load_w);
+      add_pair(c + P, v2, v3, v2, v3, s2, s3, a2, a3, load_w);
     }
     if (c < c1) {
       V v0, v1;
       IO::load(x + c, v0, v1);
-      const V e0 = vexp(v0 - m), e1 = vexp(v1 - m);
-      s0 = s0 + e0;
-      s1 = s1 + e1;
-      if constexpr (STORE) {
-        e0.store(e + c);
-        e1.store(e + c + VS);
-      }
-      if constexpr (MODE == kSumX) {
-        a0 = a0 + v0;
-        a1 = a1 + v1;
-      } else if constexpr (MODE == kSumWX) {
-        a0 = at::vec::fmadd(V::loadu(w + c), v0, a0);
-        a1 = at::vec::fmadd(V::loadu(w + c + VS), v1, a1);
-      }
+      add_pair(c, v0, v1, v0, v1, s0, s1, a0, a1, load_w);
     }
   }
   if (Cf < C) {  // tail of < P elements, its own chunk; zero-filled, masked to -inf for the softmax
@@ -345,22 +337,8 @@ Lse<A> pass1_index(const X* x, int64_t C, const A* w, A& sum, A* e, A* mc) {
     const V x0 = V::set(ninf, v0, n0);
     const V x1 = V::set(ninf, v1, n - n0);
     rescale(vmax(m, vmax(x0, x1)));
-    const V e0 = vexp(x0 - m), e1 = vexp(x1 - m);
-    s0 = s0 + e0;
-    s1 = s1 + e1;
-    if constexpr (STORE) {
-      e0.store(e + Cf);
-      e1.store(e + Cf + VS);
-    }
-    if constexpr (MODE == kSumX) {
-      a0 = a0 + v0;
-      a1 = a1 + v1;
-    } else if constexpr (MODE == kSumWX) {
-      V w0, w1;
-      Io<A>::load_n(w + Cf, n, w0, w1);
-      a0 = at::vec::fmadd(w0, v0, a0);
-      a1 = at::vec::fmadd(w1, v1, a1);
-    }
+    add_pair(Cf, x0, x1, v0, v1, s0, s1, a0, a1,
+             [&](int64_t c, V& w0, V& w1) { Io<A>::load_n(w + c, n, w0, w1); });
   }
   if constexpr (MODE != kNoSum) sum = hsum((a0 + a1) + (a2 + a3));
   return merge_lanes<A>(m, (s0 + s1) + (s2 + s3));
