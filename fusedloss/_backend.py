@@ -74,10 +74,28 @@ def resolve(backend: str, device: torch.device) -> str:
     return _resolve(backend, device.type)
 
 
-# Depends only on its strings and on facts fixed for the process, so under torch.compile it is
-# evaluated once while tracing and becomes a constant (no graph break on the dispatcher queries).
-@torch.compiler.assume_constant_result
+def _constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without its import of torch._dynamo (which
+    imports triton: seconds at every ``import fusedloss``); dynamo only reads this attribute."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+# Depends only on its strings, FUSEDLOSS_BACKEND and facts fixed for the process, so under torch.compile it is evaluated once while tracing
+# and becomes a constant (no graph break on the dispatcher queries). Cached: it runs on every call.
+@_constant_result
 def _resolve(backend: str, device_type: str) -> str:
+    key = (backend, device_type, os.environ.get("FUSEDLOSS_BACKEND") if backend == "auto" else None)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolved[key] = _resolve_uncached(backend, device_type)
+    return name
+
+
+_resolved: dict[tuple, str] = {}
+
+
+def _resolve_uncached(backend: str, device_type: str) -> str:
     if backend == "auto":
         backend = os.environ.get("FUSEDLOSS_BACKEND", "auto") or "auto"
     if backend not in BACKENDS and backend != "auto":

@@ -9,9 +9,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _backend, reference
-from .reference import _check_cross_entropy_args, _check_linear_cross_entropy_args
+from .reference import (_check_cross_entropy_args, _check_linear_cross_entropy_args,
+                        _check_inplace_backward, _cross_entropy_dtype)
 from .ops import cross_entropy as _ce_ops
 from .ops import linear_cross_entropy as _lce_ops
 
@@ -50,8 +52,13 @@ def cross_entropy(
     """
     prob = _check_cross_entropy_args(input, target, weight, ignore_index, reduction,
                                      label_smoothing, z_loss, softcap)
+    needs_grad = input.requires_grad and torch.is_grad_enabled()
+    if inplace_backward and needs_grad:
+        _check_inplace_backward(input)
     name = _backend.resolve(backend, input.device)
-    if name == "reference":
+    if name == "reference" or _forward_ad_active(input):
+        # Forward-mode AD and torch.func transforms need derivative rules the fused kernels do not
+        # have: the reference computes the same loss with plain torch ops, which support them all.
         return reference.cross_entropy(input, target, weight, ignore_index, reduction,
                                        label_smoothing, z_loss=z_loss, softcap=softcap,
                                        return_lse=return_lse, inplace_backward=inplace_backward)
@@ -59,6 +66,7 @@ def cross_entropy(
         raise NotImplementedError("fusedloss.cross_entropy: a gradient with respect to "
                                   "probability targets is not supported; detach target or use "
                                   "backend='reference'")
+    out_dtype = _cross_entropy_dtype(input, target, prob)
 
     unbatched = input.dim() == 1
     if unbatched:
@@ -71,20 +79,26 @@ def cross_entropy(
     if prob:
         tgt = target.to(input.dtype).reshape(n, c, d)
     else:
-        tgt = target.reshape(n, d).contiguous()
+        tgt = target.reshape(n, d)
+        if tgt.dtype != torch.int64 or not tgt.is_contiguous():  # uint8 (torch accepts Byte)
+            tgt = tgt.to(torch.int64, memory_format=torch.contiguous_format)
     w = None if weight is None else weight.to(acc).contiguous()
 
     grad_scale = None
     if reduction == "mean":
         grad_scale = _mean_scale(tgt, w, ignore_index, n * d, c, prob, acc)
 
-    needs_grad = torch.is_grad_enabled() and input.requires_grad
     cap = 0.0 if softcap is None else float(softcap)
-    args = (tgt, w, grad_scale, ignore_index, float(label_smoothing), float(z_loss), cap)
+    args = (tgt, w, grad_scale, ignore_index, float(label_smoothing), float(z_loss), cap, name)
     if needs_grad and inplace_backward:
-        loss, lse = _ce_ops.CrossEntropyInplace.apply(x, *args, name)
+        loss, lse = _ce_ops.CrossEntropyInplace.apply(x, *args)
+    elif torch.compiler.is_compiling():
+        loss, lse, _ = _ce_ops.cross_entropy_fwd(x, *args[:-1], needs_grad, name)
+    elif needs_grad:
+        loss, lse = _ce_ops.CrossEntropyEager.apply(x, *args)
     else:
-        loss, lse, _ = _ce_ops.cross_entropy_fwd(x, *args, needs_grad, name)
+        loss, lse, _ = _backend.kernels("cross_entropy", name).cross_entropy_fwd(
+            x, *args[:-1], False)
 
     out_shape = () if unbatched else (n,) + spatial
     if reduction == "none":
@@ -92,8 +106,8 @@ def cross_entropy(
     else:
         loss = loss.sum()  # 'mean' rows already carry 1/sum(w_y)
         if reduction == "mean" and n * d == 0:
-            loss = loss * grad_scale  # torch's NaN for the mean of an empty batch
-    loss = loss.to(input.dtype)
+            loss = _empty_mean(loss, grad_scale)
+    loss = loss.to(out_dtype)
     if return_lse:
         return loss, lse.reshape(out_shape)
     return loss
@@ -131,7 +145,7 @@ def linear_cross_entropy(
                               torch.empty(0, dtype=torch.int64, device=input.device), weight,
                               ignore_index, reduction, label_smoothing, z_loss, softcap)
     name = _backend.resolve(backend, input.device)
-    if name == "reference":
+    if name == "reference" or _forward_ad_active(input) or _forward_ad_active(linear_weight):
         return reference.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight,
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
@@ -162,8 +176,21 @@ def linear_cross_entropy(
         return loss.reshape(batch_shape).to(input.dtype)
     out = loss.sum()
     if reduction == "mean" and n == 0:
-        out = out * grad_scale  # torch's NaN for the mean of an empty batch
+        out = _empty_mean(out, grad_scale)
     return out.to(input.dtype)
+
+
+def _empty_mean(total: Tensor, grad_scale: Tensor) -> Tensor:
+    """torch's NaN for the 'mean' of an empty batch (0 * 1/0), with the gradients of the empty
+    sum (zeros, as torch's: a weight gradient must not become NaN)."""
+    return total + (total * grad_scale).detach()
+
+
+def _forward_ad_active(input: Tensor) -> bool:
+    """Forward-mode AD (a dual tensor) or a torch.func transform (jvp, vmap, grad) is active."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(input).tangent is not None
 
 
 def _numel(shape) -> int:

@@ -73,11 +73,19 @@ def _check_same_device(x, name, ref, ref_name="input"):
 
 
 def _check_real(value, name, *, low=None, low_inclusive=True, high=None, high_inclusive=True):
-    """Check a Python real number (not bool, finite) against optional bounds; return it as float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    """Check a Python real number (not bool, finite) against optional bounds; return it as float.
+
+    Under ``torch.compile(dynamic=True)`` a float argument arrives as a ``torch.SymFloat``: it is
+    checked with comparisons only (which trace as guards; ``math.isfinite`` does not trace)."""
+    if type(value) is float or type(value) is int:  # the common case, without abc checks
+        value = float(value)
+    elif isinstance(value, torch.SymFloat):
+        pass
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
+    else:
+        value = float(value)
+    if not (-math.inf < value < math.inf):  # also False for NaN
         raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value < low or (value == low and not low_inclusive)):
         op = ">=" if low_inclusive else ">"
@@ -89,6 +97,8 @@ def _check_real(value, name, *, low=None, low_inclusive=True, high=None, high_in
 
 
 def _check_int(value, name):
+    if type(value) is int:
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     return int(value)
@@ -188,7 +198,7 @@ def _check_cross_entropy_args(input, target, weight, ignore_index, reduction, la
                 f"{tuple(input.shape)}, got {tuple(target.shape)}"
             )
         probs = True
-    elif target.dtype == torch.int64:
+    elif target.dtype in (torch.int64, torch.uint8):  # torch accepts Long or Byte
         expected = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
         if tuple(target.shape) != expected:
             raise ValueError(
@@ -198,11 +208,37 @@ def _check_cross_entropy_args(input, target, weight, ignore_index, reduction, la
         probs = False
     else:
         raise TypeError(
-            "target must be int64 (class indices) or floating (class probabilities), "
+            "target must be int64 or uint8 (class indices) or floating (class probabilities), "
             f"got dtype {target.dtype}"
         )
+    if probs and ignore_index >= 0:  # torch: a negative ignore_index is accepted and unused
+        raise ValueError(f"ignore_index ({ignore_index}) is not supported for class-probability "
+                         "(floating) targets")
     _check_class_weight(weight, num_classes, input)
     return probs
+
+
+def _check_inplace_backward(input):
+    """inplace_backward writes the gradient into input's memory: refuse what torch refuses for an
+    in-place op (a leaf that requires grad, or a view of one) and memory where several elements
+    share one location (an expanded tensor), on every backend. For an input that requires grad."""
+    if input.is_leaf:
+        raise RuntimeError("fusedloss.cross_entropy(inplace_backward=True): input is a leaf "
+                           "tensor that requires grad; the gradient cannot overwrite it (torch "
+                           "forbids in-place ops on it). Pass logits produced by an op, or use "
+                           "inplace_backward=False")
+    if torch.compiler.is_compiling():
+        return  # views and memory overlap are not visible to the tracer; eager checks them
+    base = input._base if input._is_view() else None
+    if base is not None and base.is_leaf and base.requires_grad:
+        raise RuntimeError("fusedloss.cross_entropy(inplace_backward=True): input is a view of a "
+                           "leaf tensor that requires grad; the gradient cannot overwrite it "
+                           "(torch forbids in-place ops on it). Use inplace_backward=False")
+    if torch._debug_has_internal_overlap(input) == 1:
+        raise RuntimeError("fusedloss.cross_entropy(inplace_backward=True): input has elements "
+                           "that share one memory location (an expanded or otherwise "
+                           "overlapping tensor), so the gradient cannot be written into it. "
+                           "Pass input.contiguous() or use inplace_backward=False")
 
 
 def _check_linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight,
@@ -274,6 +310,14 @@ def _check_linear_cross_entropy_args(input, linear_weight, target, linear_bias, 
 def _acc_dtype(dtype):
     """The dtype the reference computes in: float64 for float64, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cross_entropy_dtype(input, target, probs):
+    """The loss dtype torch's cross_entropy gives: input's, promoted with a class-probability
+    target's, and float32 under autocast (where cross_entropy is a float32 op)."""
+    if torch.is_autocast_enabled(input.device.type) and input.dtype != torch.float64:
+        return torch.promote_types(torch.float32, target.dtype) if probs else torch.float32
+    return torch.promote_types(input.dtype, target.dtype) if probs else input.dtype
 
 
 def _reduce(loss, reduction, denominator=None):
@@ -373,9 +417,13 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
                                       label_smoothing, z_loss, softcap)
     _check_bool(return_lse, "return_lse")
     _check_bool(inplace_backward, "inplace_backward")
+    if inplace_backward and input.requires_grad and torch.is_grad_enabled():
+        _check_inplace_backward(input)
     label_smoothing = float(label_smoothing)
     z_loss = float(z_loss)
 
+    if target.dtype == torch.uint8:
+        target = target.long()
     acc = _acc_dtype(input.dtype)
     rows, tgt, out_shape = _to_rows(input, target, probs)
     rows = rows.to(acc)
@@ -407,7 +455,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         loss_rows = torch.where(valid, loss_rows, zero)
         denominator = torch.where(valid, w_y, zero).sum()
 
-    loss = _reduce(loss_rows.reshape(out_shape), reduction, denominator).to(input.dtype)
+    loss = _reduce(loss_rows.reshape(out_shape), reduction, denominator)
+    loss = loss.to(_cross_entropy_dtype(input, target, probs))
     if return_lse:
         return loss, lse.detach().reshape(out_shape)
     return loss

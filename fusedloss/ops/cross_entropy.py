@@ -15,6 +15,7 @@ Two entry points:
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -60,13 +61,34 @@ def _(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, 
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.backend = inputs[-1]
-    ctx.computed_grad = inputs[-2]
+    ctx.mark_non_differentiable(output[1], output[2])
+    _save(ctx, output[2], inputs[1], inputs[4], inputs[-1], inputs[-2])
+
+
+def _save(ctx, grad, target, ignore_index, backend, computed_grad):
+    """What the backward needs: the gradient the forward computed, and (class-index targets) the
+    target, to keep ignored rows at exactly 0 under a per-row upstream gradient."""
+    ctx.backend = backend
+    ctx.computed_grad = computed_grad
+    ctx.ignore_index = ignore_index
     # Outputs without a gradient arrive as None, not as zeros of their size (the grad output is
     # as large as the logits: materialising its zero gradient cost more than the kernel).
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(output[2])
+    index = not target.is_floating_point()
+    ctx.index_target = index
+    ctx.save_for_backward(grad, target if index else None)
+
+
+NO_DOUBLE_BACKWARD = (
+    "fusedloss.{op}: the fused kernels give first derivatives only; differentiating the gradient "
+    "again (create_graph=True: double backward, hessian, gradient penalties) is not supported. "
+    "Use backend='reference' (plain PyTorch, every derivative) for that computation.")
+
+
+def _check_first_order(op: str) -> None:
+    # The engine runs a backward under grad mode only for create_graph=True.
+    if torch.is_grad_enabled():
+        raise RuntimeError(NO_DOUBLE_BACKWARD.format(op=op))
 
 
 def _is_uniform(grad_loss: Tensor) -> bool:
@@ -75,7 +97,8 @@ def _is_uniform(grad_loss: Tensor) -> bool:
 
 
 def _scaled_grad(grad: Tensor, grad_loss: Tensor, backend: str, *, inplace: bool) -> Tensor:
-    """grad * grad_loss broadcast over the class dim (grad: the gradient saved by the forward).
+    """grad * grad_loss broadcast over the class dim (grad: the gradient saved by the forward),
+    where an element of grad that is exactly 0 stays 0 (docs/KERNELS.md: scale_grad_).
 
     A scalar upstream gradient of 1 (``loss.backward()``) costs nothing. Otherwise the saved
     gradient is left intact (so ``retain_graph`` and gradcheck's repeated backwards work) unless
@@ -86,32 +109,49 @@ def _scaled_grad(grad: Tensor, grad_loss: Tensor, backend: str, *, inplace: bool
     if torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor:
         # Traced (dynamo, or make_fx with fake/functional tensors): a functional multiply that
         # inductor fuses into one pass.
-        return (grad * grad_loss.unsqueeze(1)).to(grad.dtype)
+        scaled = (grad * grad_loss.unsqueeze(1)).to(grad.dtype)
+        return torch.where(grad == 0, grad, scaled)
     uniform = _is_uniform(grad_loss)
+    finite = not uniform  # a per-row upstream arrives with its ignored rows already zeroed
     if grad_loss.device.type == "cpu" and uniform:
         s = grad_loss.reshape(-1)[:1]  # a host read, no device to wait for
-        if s.numel() == 0 or s.item() == 1.0:
+        if s.numel() == 0:
             return grad
+        s = s.item()
+        if s == 1.0:
+            return grad
+        finite = math.isfinite(s)
     if inplace or (uniform and grad_loss.device.type != "cpu"):
         scale_grad_(grad, grad_loss, backend)
         return grad
-    if grad.dtype == grad_loss.dtype:  # float32/float64: one pass, nothing promoted
+    if grad.dtype == grad_loss.dtype and finite:  # float32/float64: one pass, nothing promoted
         return grad * grad_loss.unsqueeze(1)
-    # Half: a copy scaled by the kernel, float32 math rounded once, without the float32 temporary
-    # of the size of the logits that a promoting `grad * grad_loss` would make.
+    # Half, or a NaN/inf scalar: a copy scaled by the kernel (float32 math rounded once, no
+    # float32 temporary of the logits' size; zeros stay zero).
     out = grad.clone()
     scale_grad_(out, grad_loss, backend)
     return out
 
 
+def _grad_input(ctx, grad_loss: Tensor, *, inplace: bool) -> Tensor:
+    """d(loss)/d(input) from the saved gradient and the upstream gradient of the per-row loss."""
+    if grad_loss is None:
+        return None
+    _check_first_order("cross_entropy")
+    grad, target = ctx.saved_tensors
+    if ctx.index_target and not _is_uniform(grad_loss):
+        # Per-row upstream ('none'): ignored rows get exactly 0, whatever their upstream value.
+        grad_loss = torch.where(target == ctx.ignore_index, 0, grad_loss)
+    return _scaled_grad(grad, grad_loss, ctx.backend, inplace=inplace)
+
+
 def _backward(ctx, grad_loss, grad_lse, grad_grad):
-    (grad,) = ctx.saved_tensors
-    if not ctx.computed_grad and grad_loss is not None and ctx.needs_input_grad[0]:
+    if grad_loss is None:
+        return (None,) * 10
+    if not ctx.computed_grad and ctx.needs_input_grad[0]:
         raise RuntimeError("fusedloss.cross_entropy: input needs a gradient but the forward ran "
                            "without compute_grad")
-    dinput = (None if grad_loss is None
-              else _scaled_grad(grad, grad_loss, ctx.backend, inplace=False))
-    return dinput, None, None, None, None, None, None, None, None, None
+    return (_grad_input(ctx, grad_loss, inplace=False),) + (None,) * 9
 
 
 cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -141,23 +181,48 @@ def _(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, 
             input.new_empty(_row_shape(input), dtype=acc))
 
 
+class CrossEntropyEager(torch.autograd.Function):
+    """``cross_entropy_fwd`` with compute_grad and its autograd, calling the backend's kernel
+    directly: the same kernels and backward as the custom op, without torch.library's per-call
+    Python cost (tens of microseconds: it decides small shapes). Eager only; under torch.compile
+    the custom op is traced instead."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
+                softcap, backend):
+        loss, lse, grad = _backend.kernels("cross_entropy", backend).cross_entropy_fwd(
+            input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+            True)
+        ctx.mark_non_differentiable(lse)
+        _save(ctx, grad, target, ignore_index, backend, True)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        return (_grad_input(ctx, grad_loss, inplace=False),) + (None,) * 8
+
+
 class CrossEntropyInplace(torch.autograd.Function):
     """Forward writes d(loss)/d(input) into input's memory; backward scales it there."""
 
     @staticmethod
     def forward(ctx, input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
                 softcap, backend):
-        loss, lse = cross_entropy_fwd_inplace(input, target, weight, grad_scale, ignore_index,
-                                              label_smoothing, z_loss, softcap, backend)
-        ctx.backend = backend
+        if torch.compiler.is_compiling():
+            loss, lse = cross_entropy_fwd_inplace(input, target, weight, grad_scale, ignore_index,
+                                                  label_smoothing, z_loss, softcap, backend)
+        else:  # the kernel directly (see CrossEntropyEager), declaring the write to autograd
+            loss, lse = _backend.kernels("cross_entropy", backend).cross_entropy_fwd_inplace(
+                input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap)
+            torch.autograd.graph.increment_version(input)
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(input)  # saved after the mutation: it holds the gradient now
+        # Saved after the mutation: it holds the gradient now.
+        _save(ctx, input, target, ignore_index, backend, True)
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        (grad,) = ctx.saved_tensors
-        return (_scaled_grad(grad, grad_loss, ctx.backend, inplace=True),) + (None,) * 8
+        return (_grad_input(ctx, grad_loss, inplace=True),) + (None,) * 8
 
 
 @torch.library.custom_op("fusedloss::scale_grad_", mutates_args=("grad",))

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .cross_entropy import _acc_dtype, _scaled_grad, scale_grad_
+from .cross_entropy import _acc_dtype, _check_first_order, _scaled_grad, scale_grad_
 from .. import _backend
 
 
@@ -43,7 +43,10 @@ def _run(input, linear_weight, linear_bias, target, weight, grad_scale, row_scal
     grad_input = grad_weight = grad_bias = None
     if compute_grad:
         # Every kept row of grad_input is written by a chunk; ignored rows stay 0.
-        grad_input = torch.empty_like(input) if all_kept else torch.zeros_like(input)
+        # Contiguous whatever input's layout (a column-major input is fine): the scaling in
+        # backward views it flat.
+        alloc = torch.empty if all_kept else torch.zeros
+        grad_input = alloc(input.shape, dtype=input.dtype, device=input.device)
         grad_weight = torch.zeros(linear_weight.shape, dtype=acc, device=input.device)
         if linear_bias is not None:
             grad_bias = torch.zeros(linear_bias.shape, dtype=acc, device=input.device)
@@ -170,6 +173,7 @@ def _scale_(t: Tensor, g: Tensor, backend: str) -> Tensor:
 def _backward(ctx, grad_loss, grad_lse, gi, gw, gb):
     if grad_loss is None:
         return (None,) * 13
+    _check_first_order("linear_cross_entropy")
     ignore_index, label_smoothing, z_loss, softcap, chunk_size, backend = ctx.args
     if ctx.precomputed:
         grad_input, grad_weight, grad_bias = ctx.saved_tensors
