@@ -69,6 +69,16 @@ def parse_args(argv=None):
     ap.add_argument("--all", action="store_true",
                     help="include the heavy cases (on CPU: linear CE at V=128256, minutes per "
                          "provider); naming a heavy case exactly in --only also runs it")
+    ap.add_argument("--timing", choices=["interleaved", "fresh"], default="interleaved",
+                    help="interleaved: all providers of a case timed in turn in one long-lived "
+                         "process, round after round, as a training loop calls its loss (the "
+                         "README's numbers); fresh: each provider timed alone in a fresh process")
+    ap.add_argument("--no-memory", dest="memory", action="store_false",
+                    help="with --timing interleaved, skip the short fresh-process run per "
+                         "provider that measures peak memory")
+    ap.add_argument("--busy", action="store_true",
+                    help="keep one core busy with a background spinning process while measuring "
+                         "(a kernel must not be fast only on an idle machine)")
     ap.add_argument("--shared-process", dest="shared", action="store_true", default=False,
                     help="run all providers of a case in one worker process (memory then only "
                          "approximate: glibc may serve a provider's buffers from heap memory that an "
@@ -213,10 +223,37 @@ class Runner:
             return json.load(f), None
 
     def run_case(self, case: H.Case, providers: list, thp: str, on_result):
-        """Run ``providers`` on ``case``; call on_result(result) for each, crash-tolerant."""
-        remaining = list(providers)
-        groups = [remaining] if self.args.shared else [[p] for p in remaining]
-        queue = [list(g) for g in groups]
+        """Run ``providers`` on ``case``; call on_result(result) for each, crash-tolerant.
+
+        Interleaved timing (the default): one worker times all providers in turn, then (unless
+        --no-memory) each provider runs again alone in a fresh process, briefly, for its peak
+        memory (and that process's time, kept as ``fresh_median_ms``)."""
+        if self.args.timing != "interleaved":
+            groups = [list(providers)] if self.args.shared else [[p] for p in providers]
+            self._run_groups(case, groups, thp, {}, on_result)
+            return
+        timed = {}
+        self._run_groups(case, [list(providers)], thp, {"interleave": True},
+                         lambda r: timed.__setitem__(r["provider"], r))
+        if not self.args.memory:
+            for p in providers:
+                on_result(timed[p])
+            return
+        fresh = {}
+        self._run_groups(case, [[p] for p in providers if timed[p].get("status") == "ok"], thp,
+                         {"repeats": 2, "max_time": 1.0},
+                         lambda r: fresh.__setitem__(r["provider"], r))
+        for p in providers:
+            r, f = timed[p], fresh.get(p)
+            if f is not None and f.get("status") == "ok":
+                r.update(extra_bytes=f.get("extra_bytes"), fresh_median_ms=f.get("median_ms"),
+                         baseline_bytes=f.get("baseline_bytes"))
+            elif f is not None:
+                r["memory_error"] = f.get("reason")
+            on_result(r)
+
+    def _run_groups(self, case: H.Case, groups: list, thp: str, overrides: dict, on_result):
+        queue = [list(g) for g in groups if g]
         while queue:
             group = queue.pop(0)
             spec = {
@@ -226,6 +263,7 @@ class Runner:
                 "threads": self.args.threads, "seed": self.args.seed,
                 "opts": {"backend": self.args.backend},
             }
+            spec.update(overrides)
             rc, err, path, wall = self.spawn(spec, thp, self.args.timeout * len(group))
             done, started = {}, []
             if os.path.exists(path):
@@ -438,6 +476,9 @@ def main(argv=None) -> int:
 
     tmp = tempfile.mkdtemp(prefix="fusedloss-bench-")
     runner = None
+    busy = None
+    if args.busy:  # a spinning process: the other core busy, as on a shared machine
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         runner = Runner(args, tmp)
         probe, perr = runner.probe()
@@ -490,7 +531,7 @@ def main(argv=None) -> int:
         # summary, JSON, plot
         failed = [r for r in results if r.get("status") == "ok" and r.get("check", {}).get("pass") is False]
         errors = [r for r in results if r.get("status") == "error"]
-        suffix = f"{args.device}{'_quick' if args.quick else ''}"
+        suffix = f"{args.device}{'_quick' if args.quick else ''}{'_busy' if args.busy else ''}"
         json_path = os.path.join(args.out, f"bench_{suffix}.json")
         png_path = os.path.join(args.out, f"bench_{suffix}.png")
         H.dump_json(json_path, {
@@ -521,6 +562,8 @@ def main(argv=None) -> int:
               f"{len(failed)} failed checks")
         return 1 if failed else 0
     finally:
+        if busy is not None:
+            busy.kill()
         if runner is not None:
             runner.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -222,33 +222,37 @@ def sample_rows(t, max_elems: int = 1 << 22, rows: int = 256):
 
 
 class ProduceLogits:
-    """A non-leaf copy of a leaf whose backward hands the gradient straight through.
+    """A non-leaf copy of a leaf whose backward takes the gradient, as an lm_head's matmul would.
 
     ``inplace_backward`` may overwrite its input, which autograd forbids for a leaf that requires
-    grad, so every fwd+bwd provider gets logits = ProduceLogits.apply(base): a clone made *before*
-    the timer starts, whose backward returns the incoming gradient unchanged (no copy; autograd's
-    AccumulateGrad then steals that tensor into base.grad). All providers get the same, so the
-    comparison stays fair, and no producer cost lands in the timed region.
+    grad, so every fwd+bwd provider gets logits = ProduceLogits.apply(base, sink): a clone made
+    *before* the timer starts, whose backward stores the incoming gradient in ``sink["grad"]``
+    (no copy) and passes nothing on, like the producer op of real logits that consumes the
+    gradient. (Handing it on to ``base.grad`` would let AccumulateGrad steal or copy it depending
+    on who else holds it: a copy of the gradient that no training step makes.) All providers get
+    the same, so the comparison stays fair, and no producer cost lands in the timed region.
     """
 
     _fn = None
 
     @classmethod
-    def apply(cls, base):
+    def apply(cls, base, sink: dict):
         if cls._fn is None:
             import torch
 
             class _Produce(torch.autograd.Function):
                 @staticmethod
-                def forward(ctx, x):
+                def forward(ctx, x, sink):
+                    ctx.sink = sink
                     return x.clone()
 
                 @staticmethod
                 def backward(ctx, g):
-                    return g
+                    ctx.sink["grad"] = g
+                    return None, None
 
             cls._fn = _Produce
-        return cls._fn.apply(base)
+        return cls._fn.apply(base, sink)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -516,6 +520,8 @@ FUSED = "fusedloss"
 def _fmt_ms(x):
     if x is None:
         return "-"
+    if x < 1:
+        return f"{x:.4f}"
     return f"{x:.2f}" if x < 100 else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
 
 
@@ -553,8 +559,14 @@ def format_table(case: Case, thp: str, rows: list, machine: dict | None, device:
     fused = next((r for r in rows if r["provider"] == FUSED and r.get("status") == "ok"), None)
     f_t = fused["median_ms"] if fused else None
     f_m = fused["extra_bytes"] if fused else None
-    hdr = ["provider", "median ms", "min ms", "n", "time vs fusedloss", "extra MiB", "x logits",
-           "mem vs fusedloss", "check"]
+    interleaved = any(r.get("timing") == "interleaved" for r in rows)
+    if interleaved:
+        lines.append("   timing: providers interleaved in one long-lived process, one step each "
+                     "per round (a training loop's calls); memory: a fresh process per provider")
+    fresh = any(r.get("fresh_median_ms") is not None for r in rows)
+    hdr = ["provider", "median ms", "min ms", "n", "time vs fusedloss"]
+    hdr += ["fresh-process ms"] if fresh else []
+    hdr += ["extra MiB", "x logits", "mem vs fusedloss", "check"]
     table = [hdr]
     other = []
     for r in rows:
@@ -572,11 +584,13 @@ def format_table(case: Case, thp: str, rows: list, machine: dict | None, device:
             mark = "✓" if chk["pass"] else "✗ " + "; ".join(chk["fails"])
         xl = (f"{r['extra_bytes'] / case.logits_bytes:.2f}" if r.get("extra_bytes") is not None
               else "n/a")
-        table.append([
-            p, _fmt_ms(r["median_ms"]), _fmt_ms(r["min_ms"]), str(r["repeats"]),
-            _ratio(r["median_ms"], f_t), _fmt_mib(r.get("extra_bytes")), xl,
-            _ratio(r.get("extra_bytes"), f_m, floor=MiB), mark,
-        ])
+        reps = str(r["repeats"]) + (f"x{r['inner']}" if r.get("inner", 1) > 1 else "")
+        row = [p, _fmt_ms(r["median_ms"]), _fmt_ms(r["min_ms"]), reps,
+               _ratio(r["median_ms"], f_t)]
+        row += [_fmt_ms(r.get("fresh_median_ms"))] if fresh else []
+        row += [_fmt_mib(r.get("extra_bytes")), xl, _ratio(r.get("extra_bytes"), f_m, floor=MiB),
+                mark]
+        table.append(row)
     widths = [max(len(str(row[i])) for row in table) for i in range(len(hdr))]
     for j, row in enumerate(table):
         cells = []

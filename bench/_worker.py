@@ -7,6 +7,9 @@ one server per allocator setting) and falls back to a fresh interpreter per job.
 ``probe``: environment, which providers can be imported here, and the machine's copy / exp / GEMM
 rates; writes one JSON object to ``spec["result_path"]``.
 
+``run`` with ``interleave``: all providers of one case timed in turn in this one process, round
+after round (see :func:`run_interleaved`): the timing mode of the README's numbers.
+
 ``run``: builds the inputs of one case once, then for each provider in ``spec["providers"]``
 (one in a full run, several with --quick) appends a ``{"event": "start"}`` line and then its result
 line to ``spec["result_path"]`` (JSON lines), so that the parent can tell which provider took the
@@ -177,6 +180,122 @@ def run(spec: dict) -> None:
         _append(out_path, res)
 
 
+def run_interleaved(spec: dict) -> None:
+    """All providers of one case in this one process, timed in turn: round after round, each
+    provider's step once per round (the order rotating), the way a training loop calls its loss.
+    The first round is warm-up (compiles, first touches); memory is not measured here (the fresh
+    process per provider does that). Each provider's outputs come from one last untimed step
+    after the rounds, checked as in ``run``."""
+    import statistics
+    import time
+
+    import torch
+
+    from bench import _harness as H
+
+    device = spec["device"]
+    out_path = spec["result_path"]
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    case = H.Case.from_json(spec["case"])
+    mod = H.module_for_loss(case.loss)
+    opts = dict(spec.get("opts", {}))
+    inputs = mod.make_inputs(case, device, seed=int(spec.get("seed", 0)))
+    sync = H.sync_fn(device)
+    target_path = os.path.join(spec["cache_dir"], f"{case.name}.target.pt")
+    target_meta_path = target_path + ".json"
+
+    runners, res, inner, caps = {}, {}, {}, {}
+    for p in spec["providers"]:
+        _append(out_path, {"event": "start", "provider": p})
+        res[p] = {"provider": p, "status": "ok", "timing": "interleaved", "times_ms": []}
+        try:
+            with warnings.catch_warnings(record=True) as wl:
+                warnings.simplefilter("always")
+                runners[p] = r = mod.make_runner(p, case, inputs, device, opts)
+                w0 = time.perf_counter()
+                for _ in range(max(1, int(spec["warmup"]))):
+                    r.setup()
+                    sync()
+                    r.step()
+                    sync()
+                warm = time.perf_counter() - w0
+            res[p]["warmup_s"] = warm
+            res[p]["warnings"] = _warnings(wl)
+            # Steps far below a millisecond are timed k at a time (each with its setup), so that
+            # the timer's resolution and the loop's own cost do not dominate.
+            step = warm / max(1, int(spec["warmup"]))
+            inner[p] = max(1, min(1000, int(2e-3 / max(step, 1e-7))))
+            prov = mod.PROVIDERS[p]
+            caps[p] = min(int(spec["repeats"]), prov.max_repeats or int(spec["repeats"]))
+        except (H.ProviderUnavailable, ImportError, AttributeError) as e:
+            res[p].update(status="unavailable", reason=H.short_error(e))
+        except Exception as e:
+            res[p].update(status="error", reason=H.short_error(e),
+                          traceback=traceback.format_exc()[-3000:])
+        if res[p]["status"] != "ok":
+            runners.pop(p, None)
+            _append(out_path, res.pop(p))
+
+    # Calibrate inner counts on a second, warm call (the first includes compiles).
+    for p, r in runners.items():
+        if inner[p] == 1:
+            continue  # not a sub-millisecond step
+        t0 = time.perf_counter()
+        r.setup()
+        sync()
+        r.step()
+        sync()
+        dt = time.perf_counter() - t0
+        inner[p] = max(1, min(1000, int(2e-3 / max(dt, 1e-7))))
+
+    order = list(runners)
+    max_time = float(spec["max_time"]) * max(1, len(order))
+    t_start = time.perf_counter()
+    rnd = 0
+    while True:
+        live = [p for p in order if len(res[p]["times_ms"]) < caps[p]]
+        if not live:
+            break
+        if rnd >= 3 and time.perf_counter() - t_start > max_time:
+            break
+        k = rnd % len(live)
+        for p in live[k:] + live[:k]:
+            r, n = runners[p], inner[p]
+            total = 0.0
+            for _ in range(n):
+                r.setup()
+                sync()
+                t0 = time.perf_counter()
+                r.step()
+                sync()
+                total += time.perf_counter() - t0
+            res[p]["times_ms"].append(total / n * 1e3)
+        rnd += 1
+
+    for p, r in runners.items():
+        out = res[p]
+        try:
+            times = out["times_ms"]
+            out.update(median_ms=statistics.median(times), min_ms=min(times),
+                       repeats=len(times), inner=inner[p], extra_bytes=None)
+            r.setup()
+            r.step()
+            sync()
+            out["check"] = _check(H, r, case, p, target_path, target_meta_path)
+        except Exception as e:
+            out.update(status="error", reason=H.short_error(e),
+                       traceback=traceback.format_exc()[-3000:])
+        finally:
+            try:
+                r.teardown()
+            except Exception:
+                pass
+        _append(out_path, out)
+    runners.clear()
+    gc.collect()
+
+
 def _warnings(wl) -> list:
     """Distinct warning messages, without deprecation chatter from library internals."""
     keep = [w for w in wl if not issubclass(w.category, (DeprecationWarning, FutureWarning))]
@@ -217,7 +336,10 @@ def main(argv=None) -> int:
 
         H.dump_json(spec["result_path"], probe(spec))
         return 0
-    run(spec)
+    if spec.get("interleave"):
+        run_interleaved(spec)
+    else:
+        run(spec)
     return 0
 
 
