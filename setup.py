@@ -10,6 +10,7 @@ Environment:
 
 Sources of fusedloss._C:
     csrc/registration.cpp            op schemas (TORCH_LIBRARY)
+    csrc/autograd/*.cpp              device-generic: eager one-call ops with C++ autograd
     csrc/cpu/*.cpp                   CPU bindings: argument checks, allocation, ISA dispatch
     csrc/cpu/*_kernel.cpp            CPU kernels, compiled once per instruction set (see below)
     csrc/cuda/*.cu                   CUDA kernels, only with a CUDA build of torch and CUDA_HOME
@@ -85,7 +86,9 @@ def _extension_and_cmdclass():
 
     cpu_all = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     isa_kernels = [p for p in cpu_all if p.endswith("_kernel.cpp")]
-    sources = ["csrc/registration.cpp"] + [p for p in cpu_all if p not in isa_kernels]
+    # csrc/autograd: device-generic C++ (the eager one-call ops and their autograd)
+    generic = _rel(glob.glob(os.path.join(ROOT, "csrc", "autograd", "*.cpp")))
+    sources = ["csrc/registration.cpp"] + generic + [p for p in cpu_all if p not in isa_kernels]
     depends = _rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True)
                    + glob.glob(os.path.join(ROOT, "csrc", "**", "*.cuh"), recursive=True))
 

@@ -25,6 +25,25 @@ TORCH_LIBRARY(fusedloss_C, m) {
       "cross_entropy_fwd_inplace(Tensor(a!) input, Tensor target, Tensor? weight, "
       "Tensor? grad_scale, int ignore_index, float label_smoothing, float z_loss, float softcap) "
       "-> (Tensor loss, Tensor lse)");
+  // The whole eager cross-entropy in one call, autograd included (csrc/autograd/cross_entropy.cpp):
+  // input (N, C, d...) or (C,) and target exactly as fusedloss.cross_entropy takes them (checked
+  // there), reduction 0 = none, 1 = mean, 2 = sum; returns the loss in `dtype` and the per-row lse.
+  // The _inplace variant writes the gradient into input's memory.
+  m.def(
+      "cross_entropy_loss(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+      "int reduction, float label_smoothing, float z_loss, float softcap, ScalarType dtype) "
+      "-> (Tensor loss, Tensor lse)");
+  m.def(
+      "cross_entropy_loss_inplace(Tensor(a!) input, Tensor target, Tensor? weight, "
+      "int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap, "
+      "ScalarType dtype) -> (Tensor loss, Tensor lse)");
+  // The 'mean' factor of class-index cross-entropy: 1 / sum of weight[y] (the count without a
+  // weight) over the targets that are not ignore_index, as a 0-d tensor of `dtype` (inf when every
+  // target is ignored: torch's NaN mean). Out-of-range targets add nothing (the loss kernel rejects
+  // them). One call instead of three small ops: it runs on every 'mean' loss.
+  m.def(
+      "cross_entropy_mean_scale(Tensor target, Tensor? weight, int ignore_index, "
+      "ScalarType dtype) -> Tensor");
   // grad (N, C, D) *= grad_loss (N, D) broadcast over C. grad_loss may be an expanded (stride 0)
   // tensor: then it is one scalar, and a scalar equal to 1 leaves grad untouched (no pass over it).
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_loss) -> ()");

@@ -81,15 +81,21 @@ def _constant_result(fn):
     return fn
 
 
-# Depends only on its strings, FUSEDLOSS_BACKEND and facts fixed for the process, so under torch.compile it is evaluated once while tracing
-# and becomes a constant (no graph break on the dispatcher queries). Cached: it runs on every call.
+# Depends only on its strings and on facts fixed for the process (FUSEDLOSS_BACKEND is read at the
+# first call for each device type), so under torch.compile it is evaluated once while tracing and
+# becomes a constant (no graph break on the dispatcher queries). Cached: it runs on every call.
 @_constant_result
 def _resolve(backend: str, device_type: str) -> str:
-    key = (backend, device_type, os.environ.get("FUSEDLOSS_BACKEND") if backend == "auto" else None)
+    key = (backend, device_type)
     name = _resolved.get(key)
     if name is None:
         name = _resolved[key] = _resolve_uncached(backend, device_type)
     return name
+
+
+def reset() -> None:
+    """Forget the resolved backends, so that FUSEDLOSS_BACKEND is read again (tests)."""
+    _resolved.clear()
 
 
 _resolved: dict[tuple, str] = {}

@@ -19,6 +19,8 @@ from .ops import linear_cross_entropy as _lce_ops
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]
 
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # csrc/registration.cpp's cross_entropy_loss
+
 
 def cross_entropy(
     input: Tensor,
@@ -67,6 +69,16 @@ def cross_entropy(
                                   "probability targets is not supported; detach target or use "
                                   "backend='reference'")
     out_dtype = _cross_entropy_dtype(input, target, prob)
+    cap = 0.0 if softcap is None else float(softcap)
+    if name != "triton" and not torch.compiler.is_compiling():
+        # cpu and cuda, eager: the whole call, autograd included, in one C++ op (per-call cost;
+        # csrc/autograd/cross_entropy.cpp). The rest of this function is the same computation
+        # from Python pieces, for torch.compile and the triton backend.
+        op = (torch.ops.fusedloss_C.cross_entropy_loss_inplace if needs_grad and inplace_backward
+              else torch.ops.fusedloss_C.cross_entropy_loss)
+        loss, lse = op(input, target, weight, ignore_index, _REDUCTIONS[reduction],
+                       float(label_smoothing), float(z_loss), cap, out_dtype)
+        return (loss, lse) if return_lse else loss
 
     unbatched = input.dim() == 1
     if unbatched:
@@ -86,9 +98,8 @@ def cross_entropy(
 
     grad_scale = None
     if reduction == "mean":
-        grad_scale = _mean_scale(tgt, w, ignore_index, n * d, c, prob, acc)
+        grad_scale = _mean_scale(tgt, w, ignore_index, n * d, c, prob, acc, name)
 
-    cap = 0.0 if softcap is None else float(softcap)
     args = (tgt, w, grad_scale, ignore_index, float(label_smoothing), float(z_loss), cap, name)
     if needs_grad and inplace_backward:
         loss, lse = _ce_ops.CrossEntropyInplace.apply(x, *args)
@@ -107,7 +118,8 @@ def cross_entropy(
         loss = loss.sum()  # 'mean' rows already carry 1/sum(w_y)
         if reduction == "mean" and n * d == 0:
             loss = _empty_mean(loss, grad_scale)
-    loss = loss.to(out_dtype)
+    if loss.dtype != out_dtype:
+        loss = loss.to(out_dtype)
     if return_lse:
         return loss, lse.reshape(out_shape)
     return loss
@@ -163,7 +175,8 @@ def linear_cross_entropy(
     if chunk_size is None:
         budget = linear_weight.numel() * linear_weight.element_size()
         chunk_size = max(1, budget // max(1, v * input.element_size()))
-    grad_scale = _mean_scale(t, w, ignore_index, n, v, False, acc) if reduction == "mean" else None
+    grad_scale = (_mean_scale(t, w, ignore_index, n, v, False, acc, name)
+                  if reduction == "mean" else None)
     needs_grad = torch.is_grad_enabled() and any(
         a is not None and a.requires_grad for a in (input, linear_weight, linear_bias))
     # 'none' gets a different upstream gradient per token: its backward recomputes.
@@ -201,13 +214,16 @@ def _numel(shape) -> int:
 
 
 def _mean_scale(target: Tensor, weight: Optional[Tensor], ignore_index: int, rows: int,
-                n_classes: int, prob: bool, acc: torch.dtype) -> Tensor:
+                n_classes: int, prob: bool, acc: torch.dtype, backend: str) -> Tensor:
     """1 / (the 'mean' denominator) as a 0-d tensor, computed on the device (no host sync):
     the row count for probability targets, else the sum of w[y] over non-ignored rows (0 when
     all are ignored, giving torch's NaN)."""
     if prob:
         return torch.full((), 1.0 / rows if rows else float("inf"), dtype=acc,
                           device=target.device)
+    if backend != "triton" and not torch.compiler.is_compiling():
+        # fusedloss._C: one call instead of three small ops (it runs on every 'mean' loss)
+        return torch.ops.fusedloss_C.cross_entropy_mean_scale(target, weight, ignore_index, acc)
     valid = target != ignore_index
     if weight is None:
         total = valid.sum(dtype=acc)

@@ -177,19 +177,27 @@ def _check_cross_entropy_args(input, target, weight, ignore_index, reduction, la
     Class-index targets: int64, shape ``(N, d1, ..., dk)`` for input ``(N, C, d1, ..., dk)``,
     or 0-d for an unbatched input ``(C,)``. Class-probability targets: floating, input's shape.
     """
+    # Runs on every call: the common values are recognised inline, the rest (and every error)
+    # goes through the full checks.
     _check_float_tensor(input, "input")
     _check_tensor(target, "target")
     _check_same_device(target, "target", input)
-    if input.dim() == 0:
+    shape = input.shape
+    if len(shape) == 0:
         raise ValueError("input must have at least 1 dimension (C,) or (N, C, ...), got a 0-d tensor")
-    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    num_classes = shape[0] if len(shape) == 1 else shape[1]
     if num_classes == 0:
-        raise ValueError(f"input must have at least one class, got shape {tuple(input.shape)}")
-    _check_reduction(reduction)
-    _check_int(ignore_index, "ignore_index")
-    _check_label_smoothing(label_smoothing)
-    _check_z_loss(z_loss)
-    _check_softcap(softcap)
+        raise ValueError(f"input must have at least one class, got shape {tuple(shape)}")
+    if reduction not in REDUCTIONS:
+        _check_reduction(reduction)
+    if type(ignore_index) is not int:
+        _check_int(ignore_index, "ignore_index")
+    if not (type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0):
+        _check_label_smoothing(label_smoothing)
+    if not (type(z_loss) is float and 0.0 <= z_loss < math.inf):
+        _check_z_loss(z_loss)
+    if softcap is not None:
+        _check_softcap(softcap)
     if target.dtype.is_floating_point:
         _check_float_tensor(target, "target")
         if target.shape != input.shape:
@@ -199,8 +207,9 @@ def _check_cross_entropy_args(input, target, weight, ignore_index, reduction, la
             )
         probs = True
     elif target.dtype in (torch.int64, torch.uint8):  # torch accepts Long or Byte
-        expected = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
-        if tuple(target.shape) != expected:
+        expected = shape[:0] if len(shape) == 1 else shape[:1] + shape[2:]
+        if target.shape != expected:
+            expected = tuple(expected)
             raise ValueError(
                 f"target with class indices must have shape {expected} for input of shape "
                 f"{tuple(input.shape)}, got {tuple(target.shape)}"
@@ -214,7 +223,8 @@ def _check_cross_entropy_args(input, target, weight, ignore_index, reduction, la
     if probs and ignore_index >= 0:  # torch: a negative ignore_index is accepted and unused
         raise ValueError(f"ignore_index ({ignore_index}) is not supported for class-probability "
                          "(floating) targets")
-    _check_class_weight(weight, num_classes, input)
+    if weight is not None:
+        _check_class_weight(weight, num_classes, input)
     return probs
 
 

@@ -407,6 +407,22 @@ def test_opcheck(backend, device, prob):
     torch.library.opcheck(ops.cross_entropy_fwd_inplace,
                           (x.detach().clone(), t, w, None, -100, 0.0, 0.0, 0.0, backend))
     grad = make((3, 2, 17), device=device)
+    if backend != "triton":  # the eager one-call ops of fusedloss._C (cpu and cuda)
+        c_ops = torch.ops.fusedloss_C
+        x4 = make((3, 5, 2, 4), device=device)
+        t4 = targets((3, 2, 4), 5, device, ignore_frac=0.3)
+        p4 = torch.softmax(make((3, 5, 2, 4), device=device), 1)
+        for reduction in [0, 1, 2]:
+            for tgt, ii in [(t4, -100), (p4, -1)]:
+                cw = None if prob else torch.rand(5, device=device)
+                args = (x4.clone().requires_grad_(), tgt, cw, ii, reduction, 0.1, 1e-3, 0.0,
+                        torch.float32)
+                torch.library.opcheck(c_ops.cross_entropy_loss, args)
+                leaf = x4.clone().requires_grad_()
+                torch.library.opcheck(c_ops.cross_entropy_loss_inplace, (leaf * 1,) + args[1:])
+        torch.library.opcheck(c_ops.cross_entropy_mean_scale, (t4, None, -100, torch.float32))
+        torch.library.opcheck(c_ops.cross_entropy_mean_scale,
+                              (t4, torch.rand(5, device=device), -100, torch.float64))
     torch.library.opcheck(ops.scale_grad_, (grad, torch.rand(3, 17, device=device), backend))
     torch.library.opcheck(ops.scale_grad_,
                           (grad, torch.tensor(2.0, device=device).expand(3, 17), backend))
@@ -537,8 +553,22 @@ def test_reference_backend_and_env_override(monkeypatch):
     t = targets((4,), 5)
     got = fusedloss.cross_entropy(x, t, backend="reference")
     close(got, F.cross_entropy(x, t), torch.float32, "reference backend")
+    from fusedloss import _backend
+    calls = []
+    real = reference.cross_entropy
+    monkeypatch.setattr(reference, "cross_entropy",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("FUSEDLOSS_BACKEND", "reference")
-    close(fusedloss.cross_entropy(x, t), F.cross_entropy(x, t), torch.float32, "env override")
+    _backend.reset()  # read at the first call for a device type
+    try:
+        close(fusedloss.cross_entropy(x, t), F.cross_entropy(x, t), torch.float32, "env override")
+        assert calls, "FUSEDLOSS_BACKEND=reference did not route to the reference"
+    finally:
+        monkeypatch.delenv("FUSEDLOSS_BACKEND")
+        _backend.reset()
+    calls.clear()
+    fusedloss.cross_entropy(x, t)
+    assert not calls or not fusedloss.backends()["cpu"]["available"]
 
 
 @pytest.mark.slow

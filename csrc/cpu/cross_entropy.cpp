@@ -261,6 +261,33 @@ void scale_grad_cpu(const Tensor& grad, const Tensor& grad_loss) {
   FL_CPU_DISPATCH(scale_grad_kernel, a);
 }
 
+Tensor cross_entropy_mean_scale_cpu(const Tensor& target, const std::optional<Tensor>& weight,
+                                    int64_t ignore_index, at::ScalarType dtype) {
+  check_cpu(target, "target");
+  TORCH_CHECK(target.scalar_type() == at::kLong, "cross_entropy_mean_scale: target must be int64, "
+              "got ", target.scalar_type());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "cross_entropy_mean_scale: dtype must be float32 or float64, got ", dtype);
+  const Tensor y = target.contiguous();
+  const int64_t* yp = y.const_data_ptr<int64_t>();
+  const int64_t n = y.numel();
+  double total = 0.0;  // summed in a fixed order: deterministic, and exact for counts < 2^53
+  if (weight.has_value() && weight->defined()) {
+    check_cpu(*weight, "weight");
+    const Tensor w = weight->contiguous().to(at::kDouble);
+    const double* wp = w.const_data_ptr<double>();
+    const int64_t C = w.numel();
+    for (int64_t i = 0; i < n; ++i) {
+      if (yp[i] != ignore_index && yp[i] >= 0 && yp[i] < C) total += wp[yp[i]];
+    }
+  } else {
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) count += yp[i] != ignore_index;
+    total = static_cast<double>(count);
+  }
+  return at::scalar_tensor(1.0 / total, target.options().dtype(dtype));
+}
+
 }  // namespace
 }  // namespace fusedloss::cpu
 
@@ -268,4 +295,5 @@ TORCH_LIBRARY_IMPL(fusedloss_C, CPU, m) {
   m.impl("cross_entropy_fwd", &fusedloss::cpu::cross_entropy_fwd_cpu);
   m.impl("cross_entropy_fwd_inplace", &fusedloss::cpu::cross_entropy_fwd_inplace_cpu);
   m.impl("scale_grad_", &fusedloss::cpu::scale_grad_cpu);
+  m.impl("cross_entropy_mean_scale", &fusedloss::cpu::cross_entropy_mean_scale_cpu);
 }

@@ -948,6 +948,22 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_loss) {
   });
 }
 
+// The 'mean' factor (registration.cpp), as device ops: no host sync.
+at::Tensor cross_entropy_mean_scale_cuda(const at::Tensor& target,
+                                         const std::optional<at::Tensor>& weight,
+                                         int64_t ignore_index, at::ScalarType dtype) {
+  TORCH_CHECK(target.scalar_type() == at::kLong, "cross_entropy_mean_scale: target must be int64");
+  const at::Tensor y = target.reshape({-1});
+  const at::Tensor valid = y.ne(ignore_index);
+  if (!weight.has_value() || !weight->defined()) return valid.sum(dtype).reciprocal();
+  const int64_t C = weight->numel();
+  // Out-of-range targets add nothing (the loss kernel traps on them); clamped only to gather.
+  const at::Tensor in_range = valid.logical_and(y.ge(0)).logical_and(y.lt(C));
+  const at::Tensor wy = weight->to(dtype).index_select(0, y.clamp(0, std::max<int64_t>(C - 1, 0)));
+  // masked_fill, not a multiply by the mask: an inf weight times 0 would be NaN
+  return wy.masked_fill(in_range.logical_not(), 0).sum(dtype).reciprocal();
+}
+
 }  // namespace
 }  // namespace fusedloss
 
@@ -955,4 +971,5 @@ TORCH_LIBRARY_IMPL(fusedloss_C, CUDA, m) {
   m.impl("cross_entropy_fwd", &fusedloss::cross_entropy_fwd_cuda);
   m.impl("cross_entropy_fwd_inplace", &fusedloss::cross_entropy_fwd_inplace_cuda);
   m.impl("scale_grad_", &fusedloss::scale_grad_cuda);
+  m.impl("cross_entropy_mean_scale", &fusedloss::cross_entropy_mean_scale_cuda);
 }

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, _ext
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,14 +50,16 @@ def cross_entropy_fwd(
                                z_loss, softcap, compute_grad)
 
 
-@cross_entropy_fwd.register_fake
-def _(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
-      compute_grad, backend):
+def _fwd_fake(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+              compute_grad, backend=None):
     acc = _acc_dtype(input.dtype)
     loss = input.new_empty(_row_shape(input), dtype=acc)
     lse = input.new_empty(_row_shape(input), dtype=acc)
     grad = input.new_empty(input.shape if compute_grad else (0,))
     return loss, lse, grad
+
+
+cross_entropy_fwd.register_fake(_fwd_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -174,11 +176,14 @@ def cross_entropy_fwd_inplace(
                                        label_smoothing, z_loss, softcap)
 
 
-@cross_entropy_fwd_inplace.register_fake
-def _(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, backend):
+def _fwd_inplace_fake(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
+                      softcap, backend=None):
     acc = _acc_dtype(input.dtype)
     return (input.new_empty(_row_shape(input), dtype=acc),
             input.new_empty(_row_shape(input), dtype=acc))
+
+
+cross_entropy_fwd_inplace.register_fake(_fwd_inplace_fake)
 
 
 class CrossEntropyEager(torch.autograd.Function):
@@ -233,3 +238,25 @@ def scale_grad_(grad: Tensor, grad_loss: Tensor, backend: str) -> None:
 @scale_grad_.register_fake
 def _(grad, grad_loss, backend):
     return None
+
+
+# Fake kernels of fusedloss._C's ops (the device kernels, and the eager one-call ops of
+# csrc/autograd/cross_entropy.cpp built on them), so that opcheck and tracers see their shapes.
+# fusedloss.functional only calls the one-call ops outside torch.compile.
+if _ext.available():
+    torch.library.register_fake("fusedloss_C::cross_entropy_fwd", _fwd_fake)
+    torch.library.register_fake("fusedloss_C::cross_entropy_fwd_inplace", _fwd_inplace_fake)
+    torch.library.register_fake("fusedloss_C::scale_grad_", lambda grad, grad_loss: None)
+
+    def _loss_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                   softcap, dtype):
+        out_shape = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
+        loss = input.new_empty(out_shape if reduction == 0 else (), dtype=dtype)
+        return loss, input.new_empty(out_shape, dtype=_acc_dtype(input.dtype))
+
+    torch.library.register_fake("fusedloss_C::cross_entropy_loss", _loss_fake)
+    torch.library.register_fake("fusedloss_C::cross_entropy_loss_inplace", _loss_fake)
+
+    @torch.library.register_fake("fusedloss_C::cross_entropy_mean_scale")
+    def _(target, weight, ignore_index, dtype):
+        return target.new_empty((), dtype=dtype)
