@@ -110,3 +110,24 @@ def test_every_isa_copy(cap):
     """, ATEN_CPU_CAPABILITY=cap)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().lower() == cap, r.stdout
+
+
+def test_import_is_light():
+    """``import fusedloss`` must not pull in torch._dynamo, inductor or triton (seconds and ~150
+    MiB at every start of a CPU job); the compile path still works, marking its constants with
+    the attribute dynamo reads. A first call on the CPU must not import them either."""
+    script = textwrap.dedent("""
+        import sys, torch
+        import fusedloss
+        heavy = [m for m in ("torch._dynamo", "torch._inductor", "triton") if m in sys.modules]
+        assert not heavy, f"import fusedloss imported {heavy}"
+        x = torch.randn(4, 5, requires_grad=True)
+        fusedloss.cross_entropy(x, torch.tensor([0, 1, 2, 3])).backward()
+        heavy = [m for m in ("torch._dynamo", "torch._inductor", "triton") if m in sys.modules]
+        assert not heavy, f"a first eager call imported {heavy}"
+        print("light")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "light" in p.stdout, p.stderr[-2000:]
