@@ -32,11 +32,9 @@ import os
 import platform
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
-
 # Flags per instruction-set copy of the CPU kernels, as ATen's cmake/Codegen.cmake compiles them.
 # The DEFAULT copy comes first: it is also linked first, so that any inline function from a header
 # (a COMDAT that several copies emit) resolves to the version compiled without AVX flags.
@@ -52,13 +50,9 @@ def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
-def _packages():
-    pkgs = find_packages(where=ROOT, include=["fusedloss", "fusedloss.*"])
-    return pkgs + ["fusedloss.kernels"]
-
-
 def _want_ext() -> bool:
-    return os.environ.get("FUSEDLOSS_BUILD_EXT", "1").strip().lower() not in ("0", "false", "no", "off")
+    return (os.environ.get("FUSEDLOSS_BUILD_EXT", "1").strip().lower()
+            not in ("0", "false", "no", "off"))
 
 
 def _isa_list() -> list[str]:
@@ -96,8 +90,8 @@ def _extension_and_cmdclass():
         cxx = ["/O2", "/openmp"]
         link = []
     else:
-        cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas",
-               "-Wno-maybe-uninitialized"]
+        cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function",
+               "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
         link = ["-fopenmp"]
     # Tell the bindings which kernel copies exist.
     cxx += [f"-DFUSEDLOSS_HAVE_{isa}" for isa in isas]
@@ -110,7 +104,8 @@ def _extension_and_cmdclass():
                 "-gencode=arch=compute_90,code=sm_90"]
         ext_cls = cpp_extension.CUDAExtension
         sources += cu_sources
-        compile_args = {"cxx": cxx + ["-DFUSEDLOSS_WITH_CUDA"], "nvcc": nvcc + ["-DFUSEDLOSS_WITH_CUDA"]}
+        compile_args = {"cxx": cxx + ["-DFUSEDLOSS_WITH_CUDA"],
+                        "nvcc": nvcc + ["-DFUSEDLOSS_WITH_CUDA"]}
     else:
         ext_cls = cpp_extension.CppExtension
         compile_args = {"cxx": cxx}
@@ -171,27 +166,10 @@ def main():
         ext_modules = [ext]
         cmdclass = {"build_ext": build_cls.with_options(use_ninja=True)}
 
-    readme = os.path.join(ROOT, "README.md")
-    long_description = open(readme, encoding="utf-8").read() if os.path.exists(readme) else ""
-
+    # Metadata, packages and extras: pyproject.toml. This file only adds the extension.
     setup(
-        name="fusedloss",
-        version=VERSION,
-        description="Fused, memory-lean loss kernels for PyTorch (Triton, CUDA, CPU)",
-        long_description=long_description,
-        long_description_content_type="text/markdown",
-        python_requires=">=3.10",
-        packages=_packages(),
-        package_dir={"fusedloss.kernels": "kernels"},
-        install_requires=["torch>=2.4"],
-        extras_require={
-            # triton: the Triton kernels (on CPU the tests run them under its interpreter)
-            "test": ["pytest", "numpy", "triton"],
-            "bench": ["numpy", "matplotlib", "tqdm", "triton"],
-        },
         ext_modules=ext_modules,
         cmdclass=cmdclass,
-        zip_safe=False,
     )
 
 

@@ -55,9 +55,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default=None,
                     help="run every case in this dtype instead of its own (fp32, bf16, fp16)")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="timed repeats per measurement (default: quick 3, cpu 11, cuda 20; on CPU, "
-                         "first touches of fresh memory can cost 5-10x a normal step on a VM: "
-                         "the median needs enough repeats to ignore them)")
+                    help="timed repeats per measurement (default: quick 3, cpu 11, cuda 20; "
+                         "on CPU, first touches of fresh memory can cost 5-10x a normal step on "
+                         "a VM: the median needs enough repeats to ignore them)")
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed warm-up calls, >= 1 (default: cpu 1, cuda 3)")
     ap.add_argument("--max-time", type=float, default=None,
@@ -81,8 +81,8 @@ def parse_args(argv=None):
                          "(a kernel must not be fast only on an idle machine)")
     ap.add_argument("--shared-process", dest="shared", action="store_true", default=False,
                     help="run all providers of a case in one worker process (memory then only "
-                         "approximate: glibc may serve a provider's buffers from heap memory that an "
-                         "earlier provider freed, or keep freed buffers resident)")
+                         "approximate: glibc may serve a provider's buffers from heap memory that "
+                         "an earlier provider freed, or keep freed buffers resident)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in workers")
     ap.add_argument("--backend", default="auto", help="backend= passed to fusedloss providers")
     ap.add_argument("--seed", type=int, default=0)
@@ -193,7 +193,8 @@ class Runner:
             rc, err = p.returncode, (p.stderr or "") + (p.stdout or "")
         except subprocess.TimeoutExpired as e:
             rc = "timeout"
-            err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            err = (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes)
+                   else (e.stderr or ""))
         return rc, err, spec["result_path"], time.perf_counter() - t0
 
     def zygote(self, thp: str):
@@ -201,7 +202,8 @@ class Runner:
             return None
         if thp not in self.zygotes:
             try:
-                self.zygotes[thp] = Zygote(self.env(thp), os.path.join(self.tmp, f"zygote-{thp}.log"))
+                self.zygotes[thp] = Zygote(self.env(thp),
+                                           os.path.join(self.tmp, f"zygote-{thp}.log"))
             except ZygoteDied as e:
                 print(f"warning: fork server did not start ({e}); using one process per worker",
                       file=sys.stderr)
@@ -289,7 +291,8 @@ class Runner:
             culprit = started[-1] if started and started[-1] in missing else missing[0]
             what = (f"timed out after {self.args.timeout * len(group):.0f} s" if rc == "timeout"
                     else f"worker died (exit {rc}{_signame(rc)})")
-            on_result({"provider": culprit, "status": "error", "reason": f"{what}: {_crash_summary(err)}",
+            on_result({"provider": culprit, "status": "error",
+                       "reason": f"{what}: {_crash_summary(err)}",
                        "stderr_tail": _tail(err, 3000)})
             rest = [p for p in missing if p != culprit]
             if rest:
@@ -338,7 +341,7 @@ class Zygote:
             self.p.stdin.write((spec_path + "\n").encode())
             self.p.stdin.flush()
         except OSError as e:
-            raise ZygoteDied(str(e))
+            raise ZygoteDied(str(e)) from e
         line = self._line(time.monotonic() + 60)
         if not line or not line.startswith("pid "):
             raise ZygoteDied(f"unexpected reply {line!r}")
@@ -391,17 +394,17 @@ def _signame(rc):
 
 def _crash_summary(err: str) -> str:
     """faulthandler's 'Fatal Python error' line and the innermost frame, else the output's tail."""
-    lines = [l.strip() for l in (err or "").splitlines() if l.strip()]
-    fatal = next((i for i, l in enumerate(lines) if l.startswith("Fatal Python error")), None)
+    lines = [ln.strip() for ln in (err or "").splitlines() if ln.strip()]
+    fatal = next((i for i, ln in enumerate(lines) if ln.startswith("Fatal Python error")), None)
     if fatal is None:
         return _tail(err, 400)
-    frame = next((l for l in lines[fatal:] if l.startswith("File ")), "")
+    frame = next((ln for ln in lines[fatal:] if ln.startswith("File ")), "")
     return f"{lines[fatal]} at {frame}" if frame else lines[fatal]
 
 
 def _tail(s: str, n: int = 600) -> str:
     s = (s or "").strip()
-    lines = [l for l in s.splitlines() if l.strip()]
+    lines = [ln for ln in s.splitlines() if ln.strip()]
     s = " | ".join(lines[-6:])
     return s if len(s) <= n else "..." + s[-n:]
 
@@ -472,7 +475,8 @@ def main(argv=None) -> int:
         print("no cases selected", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    thps = ["n/a"] if args.device == "cuda" else (["default", "on"] if args.thp == "both" else [args.thp])
+    thps = (["n/a"] if args.device == "cuda"
+            else (["default", "on"] if args.thp == "both" else [args.thp]))
 
     tmp = tempfile.mkdtemp(prefix="fusedloss-bench-")
     runner = None
@@ -497,7 +501,8 @@ def main(argv=None) -> int:
             provs = H.module_for_loss(c.loss).PROVIDERS
             run = [p for p in c.providers if not a.get(p)]
             # check targets first, in order of preference, so that the others can be compared
-            run = [p for p in c.check_order if p in run] + [p for p in run if p not in c.check_order]
+            run = ([p for p in c.check_order if p in run]
+                   + [p for p in run if p not in c.check_order])
             for thp in thps:
                 skip = {p: ("unavailable", a[p]) for p in c.providers if a.get(p)}
                 for p in run:
@@ -529,7 +534,8 @@ def main(argv=None) -> int:
         bar.close()
 
         # summary, JSON, plot
-        failed = [r for r in results if r.get("status") == "ok" and r.get("check", {}).get("pass") is False]
+        failed = [r for r in results
+                  if r.get("status") == "ok" and r.get("check", {}).get("pass") is False]
         errors = [r for r in results if r.get("status") == "error"]
         suffix = f"{args.device}{'_quick' if args.quick else ''}{'_busy' if args.busy else ''}"
         json_path = os.path.join(args.out, f"bench_{suffix}.json")
@@ -541,7 +547,8 @@ def main(argv=None) -> int:
             "machine": machine,
             "cases": [c.to_json() for c in cases],
             "skipped_cases": [c.name for c in skipped],
-            "providers": {m.LOSS: {k: v.desc for k, v in m.PROVIDERS.items()} for m in H.loss_modules()},
+            "providers": {m.LOSS: {k: v.desc for k, v in m.PROVIDERS.items()}
+                          for m in H.loss_modules()},
             "results": results,
             "wall_s": time.perf_counter() - t_start,
         })

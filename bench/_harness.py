@@ -36,7 +36,8 @@ DTYPE_ALIASES = {
 }
 DTYPE_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 
-# Check tolerances by dtype: loss = relative error of the loss value, grad = max|g - g_ref| / max|g_ref|.
+# Check tolerances by dtype: loss = relative error of the loss value,
+# grad = max|g - g_ref| / max|g_ref|.
 DEFAULT_TOL = {
     "fp64": {"loss": 1e-10, "grad": 1e-10},
     "fp32": {"loss": 1e-4, "grad": 1e-4},
@@ -59,8 +60,8 @@ def torch_dtype(name: str):
 class Provider:
     """One implementation being measured.
 
-    requires: dotted names that must resolve (``"fusedloss.cross_entropy"``); checked once per run in
-    the probe subprocess so an unavailable provider costs no worker start-up.
+    requires: dotted names that must resolve (``"fusedloss.cross_entropy"``); checked once per run
+    in the probe subprocess so an unavailable provider costs no worker start-up.
     devices / modes: where it applies (None = everywhere).
     max_repeats: cap on the timed repeats (for the slow reference).
     not_quick_on: devices where --quick skips it.
@@ -146,7 +147,8 @@ def resolve(dotted: str):
             continue
         for attr in parts[i:]:
             if not hasattr(obj, attr):
-                raise AttributeError(f"{'.'.join(parts[:i])} has no attribute {'.'.join(parts[i:])}")
+                raise AttributeError(f"{'.'.join(parts[:i])} has no attribute "
+                                     f"{'.'.join(parts[i:])}")
             obj = getattr(obj, attr)
         return obj
     raise err if err else ImportError(dotted)
@@ -289,7 +291,8 @@ def rss_bytes() -> int:
 def hwm_bytes() -> int:
     """Peak RSS of this process image. This is the counter getrusage(RUSAGE_SELF).ru_maxrss reads,
     except that ru_maxrss is also floored by the peak of the process that exec'd us (with vfork,
-    which Python's subprocess uses, that is the *parent's* peak); VmHWM is not, and it can be reset."""
+    which Python's subprocess uses, that is the *parent's* peak); VmHWM is not, and it can be
+    reset."""
     return _status_kib("VmHWM") * 1024
 
 
@@ -468,14 +471,15 @@ def machine_context(device: str) -> dict:
             ts.append(time.perf_counter() - t0)
         return min(ts)
 
+    def copy_and_exp(n):
+        a = torch.empty(n, device=device)
+        a.uniform_(-1, 1)
+        b = torch.empty_like(a)
+        b.zero_()
+        return best(lambda: b.copy_(a), 5), best(lambda: torch.exp(a, out=b), 5)
+
     n = (1 << 26) if device == "cpu" else (1 << 28)  # 256 MiB / 1 GiB of fp32
-    a = torch.empty(n, device=device)
-    a.uniform_(-1, 1)
-    b = torch.empty_like(a)
-    b.zero_()
-    t_copy = best(lambda: b.copy_(a), 5)
-    t_exp = best(lambda: torch.exp(a, out=b), 5)
-    del a, b
+    t_copy, t_exp = copy_and_exp(n)  # a and b are freed on its return, before the GEMM's buffers
     m = 2048 if device == "cpu" else 8192
     x = torch.randn(m, m, device=device)
     y = torch.randn(m, m, device=device)
@@ -552,7 +556,8 @@ def format_table(case: Case, thp: str, rows: list, machine: dict | None, device:
     fl = floor_ms(case, machine)
     if fl:
         label = {"memory": f"moving {_fmt_mib(case.floor.get('bytes'))} MiB (logits in"
-                           + (", gradient out" if case.mode == "fwdbwd" else "") + ") at copy speed",
+                           + (", gradient out" if case.mode == "fwdbwd" else "")
+                           + ") at copy speed",
                  "exp": "one torch.exp per logit", "gemm": "the 3 GEMMs at torch.mm speed"}
         lines.append("   roofline at this run's measured rates: " + "; ".join(
             f"{label[k]} {_fmt_ms(v)} ms" for k, v in fl.items()))
@@ -595,7 +600,8 @@ def format_table(case: Case, thp: str, rows: list, machine: dict | None, device:
     for j, row in enumerate(table):
         cells = []
         for i, c in enumerate(row):
-            cells.append(str(c).ljust(widths[i]) if i in (0, len(hdr) - 1) else str(c).rjust(widths[i]))
+            cells.append(str(c).ljust(widths[i]) if i in (0, len(hdr) - 1)
+                         else str(c).rjust(widths[i]))
         lines.append("   " + "  ".join(cells).rstrip())
         if j == 0:
             lines.append("   " + "  ".join("-" * w for w in widths))
@@ -605,8 +611,9 @@ def format_table(case: Case, thp: str, rows: list, machine: dict | None, device:
                 if r.get("check", {}).get("target")), None)
     tol = case.tol
     if tgt:
-        lines.append(f"   check: against {tgt!r} (its result on the same inputs, computed once per case); "
-                     f"loss rel. err <= {tol.get('loss'):.0e}, grads max|d|/max|ref| <= {tol.get('grad'):.0e}")
+        lines.append(f"   check: against {tgt!r} (its result on the same inputs, computed once "
+                     f"per case); loss rel. err <= {tol.get('loss'):.0e}, "
+                     f"grads max|d|/max|ref| <= {tol.get('grad'):.0e}")
     else:
         lines.append("   check: no check target ran (reference and torch eager both unavailable)")
     for n in case.notes:
@@ -627,7 +634,8 @@ def write_plot(path: str, cases: list, results: list, device: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = [c for c in cases if any(r["case"] == c.name and r.get("status") == "ok" for r in results)]
+    cases = [c for c in cases
+             if any(r["case"] == c.name and r.get("status") == "ok" for r in results)]
     if not cases:
         return
     thps = sorted({r["thp"] for r in results}, key=lambda t: ("default", "on", "n/a").index(t))
@@ -638,7 +646,8 @@ def write_plot(path: str, cases: list, results: list, device: str) -> None:
                         for r in results)]
         width = 0.8 / max(1, len(thps))
         for col, (key, label, scale) in enumerate(
-                [("median_ms", "median time (ms)", 1.0), ("extra_bytes", "extra memory (MiB)", 1 / MiB)]):
+                [("median_ms", "median time (ms)", 1.0),
+                 ("extra_bytes", "extra memory (MiB)", 1 / MiB)]):
             ax = axes[ci][col]
             allv = []
             for ti, thp in enumerate(thps):
@@ -661,7 +670,8 @@ def write_plot(path: str, cases: list, results: list, device: str) -> None:
             ax.set_xticklabels(provs, rotation=15, fontsize=8)
             ax.set_title(f"{case.name}: {label}", fontsize=9)
             if key == "extra_bytes":
-                ax.axhline(case.logits_bytes / MiB, color="gray", ls="--", lw=0.8, label="logits size")
+                ax.axhline(case.logits_bytes / MiB, color="gray", ls="--", lw=0.8,
+                           label="logits size")
                 ax.legend(fontsize=7, loc="upper left")
             if len(thps) > 1 and ci == 0 and col == 0:
                 ax.legend(fontsize=8)

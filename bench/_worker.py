@@ -69,7 +69,8 @@ def probe(spec: dict) -> dict:
     }
     try:
         with open("/proc/cpuinfo") as f:
-            env["cpu_model"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
+            env["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f
+                                     if ln.startswith("model name")), None)
     except OSError:
         pass
     try:

@@ -66,7 +66,8 @@ def _case(n: int, v: int, dtype: str, mode: str) -> Case:
         providers=provs,
         check_order=list(CHECK_ORDER),
         logits_bytes=logits,
-        title=f"N={n} tokens, V={v}, {H.DTYPE_NAMES[dtype]}, {'fwd' if mode == 'fwd' else 'fwd+bwd'}",
+        title=(f"N={n} tokens, V={v}, {H.DTYPE_NAMES[dtype]}, "
+               f"{'fwd' if mode == 'fwd' else 'fwd+bwd'}"),
         tol=dict(H.DEFAULT_TOL[dtype]),
         floor=floor,
         notes=notes,

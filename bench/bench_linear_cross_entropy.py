@@ -1,5 +1,6 @@
-"""Linear cross-entropy (LM head + loss) benchmark cases: loss = CE(input @ linear_weight.T, target),
-mean, fwd+bwd producing the gradients of ``input`` (N, H) and ``linear_weight`` (V, H)."""
+"""Linear cross-entropy (LM head + loss) benchmark cases:
+loss = CE(input @ linear_weight.T, target), mean, fwd+bwd producing the gradients of ``input``
+(N, H) and ``linear_weight`` (V, H)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def _options_class():
     import torch
     import torch.nn.functional as F
 
-    cls = getattr(F, "LinearCrossEntropyOptions", None) or getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    cls = (getattr(F, "LinearCrossEntropyOptions", None)
+           or getattr(torch.nn, "LinearCrossEntropyOptions", None))
     if cls is None:
         raise ProviderUnavailable("this torch has no LinearCrossEntropyOptions")
     return cls
@@ -29,7 +31,8 @@ PROVIDERS = {
     "torch chunked": Provider(requires=["torch.nn.functional.linear_cross_entropy",
                                         "torch.nn.LinearCrossEntropyOptions"],
                               not_quick_on=("cpu",),
-                              desc="F.linear_cross_entropy(..., options=torch.nn.LinearCrossEntropyOptions())"),
+                              desc="F.linear_cross_entropy(..., "
+                                   "options=torch.nn.LinearCrossEntropyOptions())"),
     "torch eager": Provider(desc="F.cross_entropy(F.linear(input, linear_weight), target)"),
     "torch.compile": Provider(desc="torch.compile of the eager function, compiled in the warm-up"),
     "reference": Provider(requires=["fusedloss.reference.linear_cross_entropy"], max_repeats=2,

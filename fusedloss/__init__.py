@@ -8,13 +8,22 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _ext  # noqa: F401  (loads fusedloss._C, if built, before the ops use it)
-from . import ops  # noqa: F401  (registers the torch.library custom ops)
-from . import nn, reference  # noqa: F401
+# _ext first: it loads fusedloss._C, if built, before the ops register fake kernels for it.
+from . import _ext, nn, ops, reference  # noqa: F401  (ops registers the torch.library custom ops)
 from ._backend import status as _status
 from .functional import cross_entropy, linear_cross_entropy
 
-__all__ = ["backends", "cross_entropy", "linear_cross_entropy", "nn", "reference", "__version__"]
+__all__ = ["backends", "cross_entropy", "distributed", "linear_cross_entropy", "nn", "reference",
+           "__version__"]
+
+
+def __getattr__(name: str):
+    # fusedloss.distributed is imported on first access (torch.distributed costs import time).
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module 'fusedloss' has no attribute {name!r}")
 
 
 def backends() -> dict[str, dict[str, object]]:

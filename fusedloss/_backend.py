@@ -125,9 +125,11 @@ def _resolve_uncached(backend: str, device_type: str) -> str:
     if not ok:
         raise RuntimeError(f"fusedloss: backend {backend!r} is not available: {why}")
     if backend == "cpu" and device_type != "cpu":
-        raise RuntimeError(f"fusedloss: backend 'cpu' needs CPU tensors, got a {device_type} tensor")
+        raise RuntimeError(f"fusedloss: backend 'cpu' needs CPU tensors, "
+                           f"got a {device_type} tensor")
     if backend == "cuda" and device_type != "cuda":
-        raise RuntimeError(f"fusedloss: backend 'cuda' needs CUDA tensors, got a {device_type} tensor")
+        raise RuntimeError(f"fusedloss: backend 'cuda' needs CUDA tensors, "
+                           f"got a {device_type} tensor")
     if backend == "triton" and device_type != "cuda" and not (
             device_type == "cpu" and _interpreting()):
         raise RuntimeError(f"fusedloss: backend 'triton' needs CUDA tensors (or CPU tensors with "

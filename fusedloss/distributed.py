@@ -34,8 +34,15 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _backend
-from .reference import (_check_int, _check_label_smoothing, _check_reduction,
-                        _check_float_tensor, _check_same_device, _check_tensor, _check_z_loss)
+from .reference import (
+    _check_float_tensor,
+    _check_int,
+    _check_label_smoothing,
+    _check_reduction,
+    _check_same_device,
+    _check_tensor,
+    _check_z_loss,
+)
 
 __all__ = ["vocab_parallel_cross_entropy"]
 

@@ -1,6 +1,7 @@
 """The public loss functions: check arguments, choose a backend, call the op, reduce.
 
-Signatures and semantics: DESIGN.md section 3; ``fusedloss.reference`` is their executable spec.
+Signatures and semantics: docs/DESIGN.md section 3; ``fusedloss.reference`` is their executable
+spec.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
 from . import _backend, reference
-from .reference import (_check_cross_entropy_args, _check_linear_cross_entropy_args,
-                        _check_inplace_backward, _cross_entropy_dtype)
 from .ops import cross_entropy as _ce_ops
 from .ops import linear_cross_entropy as _lce_ops
+from .reference import (
+    _check_cross_entropy_args,
+    _check_inplace_backward,
+    _check_linear_cross_entropy_args,
+    _cross_entropy_dtype,
+)
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]
 

@@ -184,7 +184,8 @@ def _check_cross_entropy_args(input, target, weight, ignore_index, reduction, la
     _check_same_device(target, "target", input)
     shape = input.shape
     if len(shape) == 0:
-        raise ValueError("input must have at least 1 dimension (C,) or (N, C, ...), got a 0-d tensor")
+        raise ValueError("input must have at least 1 dimension (C,) or (N, C, ...), "
+                         "got a 0-d tensor")
     num_classes = shape[0] if len(shape) == 1 else shape[1]
     if num_classes == 0:
         raise ValueError(f"input must have at least one class, got shape {tuple(shape)}")
@@ -458,7 +459,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         loss_rows = w_y * (-logp_y)
         if label_smoothing > 0:
             smooth = -(logp if w is None else logp * w).sum(dim=-1)
-            loss_rows = (1.0 - label_smoothing) * loss_rows + (label_smoothing / num_classes) * smooth
+            loss_rows = ((1.0 - label_smoothing) * loss_rows
+                         + (label_smoothing / num_classes) * smooth)
         if z_loss > 0:
             loss_rows = loss_rows + z_loss * w_y * lse * lse
         zero = torch.zeros_like(loss_rows)
@@ -598,7 +600,8 @@ def softmax_focal_loss(input, target, gamma=2.0, weight=None, ignore_index=-100,
         )
     _check_tensor(target, "target")
     if target.dtype != torch.int64:
-        raise TypeError(f"target must be an int64 tensor of class indices, got dtype {target.dtype}")
+        raise TypeError(f"target must be an int64 tensor of class indices, "
+                        f"got dtype {target.dtype}")
     gamma = _check_gamma(gamma)
     _check_cross_entropy_args(input, target, weight, ignore_index, reduction, 0.0, 0.0, None)
 

@@ -131,3 +131,9 @@ def test_import_is_light():
     p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0 and "light" in p.stdout, p.stderr[-2000:]
+
+
+def test_distributed_is_an_attribute():
+    """``import fusedloss`` then ``fusedloss.distributed`` works, as torch's subpackages do."""
+    p = run_py("import fusedloss; print(fusedloss.distributed.vocab_parallel_cross_entropy)")
+    assert p.returncode == 0 and "vocab_parallel_cross_entropy" in p.stdout, p.stderr[-2000:]

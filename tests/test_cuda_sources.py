@@ -71,7 +71,8 @@ def _schemas() -> dict[str, str]:
 def _impl_blocks(src: str, namespace: str, key: str) -> list[str]:
     """Bodies of every TORCH_LIBRARY_IMPL(namespace, key, m) { ... } in src (comments stripped)."""
     bodies = []
-    pat = re.compile(r"TORCH_LIBRARY_IMPL\s*\(\s*%s\s*,\s*%s\s*,\s*\w+\s*\)\s*\{" % (namespace, key))
+    pat = re.compile(r"TORCH_LIBRARY_IMPL\s*\(\s*%s\s*,\s*%s\s*,\s*\w+\s*\)\s*\{"
+                     % (namespace, key))
     for m in pat.finditer(src):
         depth, i = 1, m.end()
         while i < len(src) and depth:

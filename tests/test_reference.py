@@ -139,7 +139,8 @@ def test_cross_entropy_all_ignored(use_weight, label_smoothing):
     torch.testing.assert_close(g, g_torch)           # torch: NaN value, zero gradient
     assert torch.equal(g, torch.zeros_like(g))
     assert R.cross_entropy(x, t, reduction="sum", **kw).item() == 0.0
-    assert torch.equal(R.cross_entropy(x, t, reduction="none", **kw).detach(), torch.zeros(3, dtype=F64))
+    assert torch.equal(R.cross_entropy(x, t, reduction="none", **kw).detach(),
+                       torch.zeros(3, dtype=F64))
 
 
 def test_cross_entropy_zero_total_weight_matches_torch_nan_gradient():
@@ -261,7 +262,8 @@ def test_return_lse(dtype, shape):
     expected = torch.logsumexp(x.detach().to(acc), dim=dim)   # every row, ignored ones too
     torch.testing.assert_close(lse, expected, rtol=1e-6 if acc == torch.float32 else 1e-13, atol=0)
     _, lse_cap = R.cross_entropy(x, t, softcap=2.0, return_lse=True)
-    torch.testing.assert_close(lse_cap, torch.logsumexp(2.0 * torch.tanh(x.detach().to(acc) / 2.0), dim),
+    torch.testing.assert_close(lse_cap,
+                               torch.logsumexp(2.0 * torch.tanh(x.detach().to(acc) / 2.0), dim),
                                rtol=1e-6 if acc == torch.float32 else 1e-13, atol=0)
 
 
@@ -324,7 +326,8 @@ def test_linear_cross_entropy_unbatched_probs_and_extras():
     ti = index_target((3, 2), V, ignore_frac=0.3)
     assert_same(
         lambda x, W: R.linear_cross_entropy(x, W, ti, z_loss=1e-2, softcap=3.0, chunk_size=2),
-        lambda x, W: R.cross_entropy((x @ W.T).reshape(6, V), ti.reshape(6), z_loss=1e-2, softcap=3.0),
+        lambda x, W: R.cross_entropy((x @ W.T).reshape(6, V), ti.reshape(6), z_loss=1e-2,
+                                     softcap=3.0),
         [xb, W])
 
 
@@ -381,11 +384,12 @@ def test_sigmoid_focal_weight(wshape):
     t = (torch.rand(4, 3, 5, generator=gen(2)) < 0.5).to(F64)
     w = torch.rand(wshape, generator=gen(3), dtype=F64)
     for reduction in ("none", "mean", "sum"):
-        def expected(x):
+        def expected(x, reduction=reduction):
             loss = torchvision_sigmoid_focal_loss(x, t) * w
             return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
-        assert_same(lambda x: R.sigmoid_focal_loss(x, t, reduction=reduction, weight=w), expected,
-                    [x], rtol=1e-10, atol=1e-12)
+        assert_same(lambda x, reduction=reduction: R.sigmoid_focal_loss(x, t, reduction=reduction,
+                                                                         weight=w),
+                    expected, [x], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
@@ -415,7 +419,8 @@ def test_sigmoid_focal_soft_gradient_matches_closed_form():
     q = t * sn + (1 - t) * sp
     ce = F.softplus(xd, threshold=1000) - t * xd
     a_t = alpha * t + (1 - alpha) * (1 - t)
-    expected = a_t * q ** gamma * (((1 - t) * sp - t * sn) - gamma * (2 * t - 1) * (sp * sn / q) * ce)
+    expected = a_t * q ** gamma * (((1 - t) * sp - t * sn)
+                                   - gamma * (2 * t - 1) * (sp * sn / q) * ce)
     torch.testing.assert_close(g, expected, rtol=1e-9, atol=1e-12)
 
 
@@ -496,9 +501,9 @@ def test_softmax_focal_gradient_closed_form_confident(gamma):
     x.requires_grad_(True)
     t = torch.zeros(6, dtype=torch.long)
     (g,) = torch.autograd.grad(R.softmax_focal_loss(x, t, gamma, reduction="sum"), x)
-    l = x.detach().log_softmax(1)
-    p = l.exp()
-    lk = l[:, 0]
+    logp = x.detach().log_softmax(1)
+    p = logp.exp()
+    lk = logp[:, 0]
     qk = -torch.expm1(lk)
     B = -qk ** gamma * (1 + gamma * p[:, 0] * (-lk) / qk)
     expected = B[:, None] * (F.one_hot(t, 4).to(F64) - p)
@@ -543,7 +548,7 @@ def test_bce_matches_torch(wshape, pwshape, reduction):
     t[0] = t[0].round()
     w = torch.rand(wshape, generator=gen(3), dtype=F64) if wshape else None
     pw = torch.rand(pwshape, generator=gen(4), dtype=F64) * 3 if pwshape else None
-    kw = dict(weight=w, reduction=reduction, pos_weight=pw)   # torch: no grad for weight, pos_weight
+    kw = dict(weight=w, reduction=reduction, pos_weight=pw)  # torch: no grad for weight, pos_weight
     assert_same(lambda x: R.binary_cross_entropy_with_logits(x, t, **kw),
                 lambda x: F.binary_cross_entropy_with_logits(x, t, **kw), [x])
 
@@ -693,7 +698,8 @@ def test_total_variation_gradcheck():
     w = torch.rand(3, 4, generator=gen(1), dtype=F64)
     for norm, eps in (("l2_squared", 0.0), ("isotropic", 1e-3)):
         assert torch.autograd.gradcheck(
-            lambda x: R.total_variation(x, w, norm=norm, eps=eps, reduction="none"), (x,))
+            lambda x, norm=norm, eps=eps: R.total_variation(x, w, norm=norm, eps=eps,
+                                                            reduction="none"), (x,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,11 +734,13 @@ BAD = [
     (lambda: R.cross_entropy(_x, _t, return_lse=1), TypeError, "return_lse"),
     (lambda: R.linear_cross_entropy(_x, _W[:, :4], _t), ValueError, "linear_weight"),
     (lambda: R.linear_cross_entropy(_x, _W.double(), _t), TypeError, "linear_weight"),
-    (lambda: R.linear_cross_entropy(_x, _W, _t, linear_bias=torch.ones(6)), ValueError, "linear_bias"),
+    (lambda: R.linear_cross_entropy(_x, _W, _t, linear_bias=torch.ones(6)), ValueError,
+     "linear_bias"),
     (lambda: R.linear_cross_entropy(_x, _W, _t[:2]), ValueError, "target"),
     (lambda: R.linear_cross_entropy(_x, _W, _t, chunk_size=0), ValueError, "chunk_size"),
     (lambda: R.linear_cross_entropy(_x, _W, _t, reduction="max"), ValueError, "reduction"),
-    (lambda: R.linear_cross_entropy(_x, _W, _t, label_smoothing=2.0), ValueError, "label_smoothing"),
+    (lambda: R.linear_cross_entropy(_x, _W, _t, label_smoothing=2.0), ValueError,
+     "label_smoothing"),
     (lambda: R.sigmoid_focal_loss(_x, _b, gamma=-1.0), ValueError, "gamma"),
     (lambda: R.sigmoid_focal_loss(_x, _b, alpha=None), TypeError, "alpha"),
     (lambda: R.sigmoid_focal_loss(_x, _b[:2]), ValueError, "target"),
@@ -745,7 +753,8 @@ BAD = [
     (lambda: R.softmax_focal_loss(_x[0], _t[0]), ValueError, "input"),
     (lambda: R.softmax_focal_loss(_x, _t, weight=torch.ones(3)), ValueError, "weight"),
     (lambda: R.softmax_focal_loss(_x, _t, reduction="all"), ValueError, "reduction"),
-    (lambda: R.binary_cross_entropy_with_logits(_x, _b, weight=torch.ones(3)), ValueError, "weight"),
+    (lambda: R.binary_cross_entropy_with_logits(_x, _b, weight=torch.ones(3)), ValueError,
+     "weight"),
     (lambda: R.binary_cross_entropy_with_logits(_x, _b, pos_weight=torch.ones(4)), ValueError,
      "pos_weight"),
     (lambda: R.binary_cross_entropy_with_logits(_x, _b.long()), TypeError, "target"),

@@ -544,15 +544,18 @@ def build(fn, sig, const, div, warps=8, **opts):
     sig = {k: sig[k] for k in fn.arg_names}  # in the kernel's parameter order
     idx = lambda k: (list(sig).index(k),)
     attrs = {idx(k): [["tt.divisibility", 16]] for k in div}
-    src = ASTSource(fn=fn, signature=sig, constexprs={idx(k): v for k, v in const.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, **opts))
+    src = ASTSource(fn=fn, signature=sig, constexprs={idx(k): v for k, v in const.items()},
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, **opts))
 for dt, on in (("bf16", ()), ("fp32", FLAGS[1:]), ("fp16", FLAGS), ("fp64", FLAGS[1:])):
     prob = "PROB_TARGET" in on
     sig = {"x_ptr": "*" + dt, "x_stride_n": "i64", "x_stride_c": "i64", "x_stride_d": "i64",
            "target_ptr": ("*" + dt) if prob else "*i64", "target_stride_n": "i64",
            "target_stride_c": "i64", "target_stride_d": "i64",
-           "weight_ptr": "*fp32", "grad_scale_ptr": "*fp32", "loss_ptr": "*fp32", "lse_ptr": "*fp32",
-           "grad_ptr": "*" + dt, "grad_stride_n": "i64", "grad_stride_c": "i64", "grad_stride_d": "i64",
+           "weight_ptr": "*fp32", "grad_scale_ptr": "*fp32", "loss_ptr": "*fp32",
+           "lse_ptr": "*fp32", "grad_ptr": "*" + dt, "grad_stride_n": "i64",
+           "grad_stride_c": "i64", "grad_stride_d": "i64",
            "err_ptr": "constexpr", "C": "i32", "D": "i32", "num_row_blocks": "i32",
            "ignore_index": "i32", "label_smoothing": "fp64", "z_loss": "fp64", "softcap": "fp64"}
     const = {"x_stride_c": 1, "grad_stride_c": 1, "err_ptr": None, "REPORT_ERRORS": False,
@@ -571,7 +574,8 @@ sig = {"grad_ptr": "*bf16", "grad_stride_n": "i64", "grad_stride_c": "i64", "gra
 for scalar in (True, False):
     const = {"grad_stride_c": 1, "ACC_DTYPE": tl.float32, "BLOCK_SIZE": 4096, "BLOCK_ROWS": 1,
              "IS_SCALAR": scalar, "EMULATE_RTNE": False}
-    build(K._scale_grad_kernel, dict(sig), const, ["grad_ptr", "grad_stride_n", "grad_stride_d", "C"])
+    build(K._scale_grad_kernel, dict(sig), const,
+          ["grad_ptr", "grad_stride_n", "grad_stride_d", "C"])
 print("ok")
 """
 

@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .cross_entropy import _acc_dtype, _check_first_order, _scaled_grad, scale_grad_
 from .. import _backend
+from .cross_entropy import _acc_dtype, _check_first_order, _scaled_grad, scale_grad_
 
 
 def _chunks(n: int, chunk_size: int):
