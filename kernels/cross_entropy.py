@@ -254,7 +254,7 @@ def _cross_entropy_fwd_kernel(
             if not HAS_WEIGHT:
                 W = tl.full([], C, ACC_DTYPE)
             tgt = (1.0 - ls) * w_y
-            A = tgt + smooth * W
+            A = tgt + smooth * W  # W = inf (an inf class weight): A = inf
         else:
             tgt = w_y
             A = tgt
@@ -263,7 +263,10 @@ def _cross_entropy_fwd_kernel(
             A += 2.0 * z * w_y * lse
             loss += z * w_y * lse * lse
         if HAS_SMOOTHING:
-            loss += smooth * (W * lse - sum_wx)
+            sm = W * lse - sum_wx  # sum_c w_c (lse - xs_c)
+            if HAS_WEIGHT:  # an inf class weight: torch's inf * (lse - xs_c) > 0
+                sm = tl.where(W == float("inf"), float("inf"), sm)
+            loss += smooth * sm
         loss = tl.where(ignored, 0.0, loss) * scale  # ignored: 0 * scale (NaN if scale is inf)
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
@@ -274,9 +277,13 @@ def _cross_entropy_fwd_kernel(
         if not PROB_TARGET:
             # Target column: A (p_y - 1) + (A - target) with p_y - 1 = expm1(xs_y - lse): no
             # cancellation when p_y is close to 1.
-            g_y = A * _expm1((x_y - m) - log_s, EXPM1_TERMS) + (A - tgt)
+            em1 = _expm1((x_y - m) - log_s, EXPM1_TERMS)
+            g_y = A * em1 + (A - tgt)
             if HAS_SMOOTHING:
                 g_y -= smooth * w_y
+                # Infinite A: inf - inf above; A p_y - target is inf like torch's.
+                g_y = tl.where(tl.abs(A) == float("inf"), A * (em1 + 1.0) - (tgt + smooth * w_y),
+                               g_y)
         for start in range(0, C, BLOCK_SIZE):
             cols, col_mask, col_off, mask, x = _logits_block(
                 x_ptr, x_row, x_stride_c, start, C, row_mask, softcap, ACC_DTYPE, BLOCK_SIZE,

@@ -15,6 +15,8 @@
 // Both: dloss/dx_j = dloss/dxs_j * (1 - (xs_j / softcap)^2) with softcap, and loss and gradient
 // are multiplied by the row scale `scale` (1/sum(w_y) for 'mean', else 1). Ignored rows give
 // loss 0 * scale (so an all-ignored 'mean' is NaN, as torch) and gradient 0.
+// With ls == 0 no smoothing term is formed at all: a class weight may be inf (1/count balancing
+// of an absent class), and 0 * inf would be NaN.
 #pragma once
 
 #include "common.h"
@@ -67,6 +69,12 @@ struct IndexRow {
   T loss;      // unscaled row loss
 };
 
+// smooth * w, and 0 without smoothing whatever w is (w may be inf).
+template <typename T>
+FL_HOST_DEVICE T smooth_weight(const IndexRow<T>& r, T w) {
+  return r.smooth != T(0) ? r.smooth * w : T(0);
+}
+
 // lse: the row's logsumexp; xs_y: softcapped target logit; wy: weight of the target class;
 // W: sum of class weights (C without weight); sum_wx: sum_c w_c xs_c (only read when ls > 0).
 // index_row with lse - xs_y passed in: a kernel that has lse as m + log(s) (m the row max) can
@@ -78,9 +86,14 @@ FL_HOST_DEVICE IndexRow<T> index_row_diff(T lse, T lse_minus_xs_y, T wy, T W, T 
   IndexRow<T> r;
   r.smooth = ls / T(C);
   r.target = (T(1) - ls) * wy;
-  r.A = r.target + r.smooth * W + T(2) * z * wy * lse;
+  r.A = (ls > T(0) ? r.target + r.smooth * W : r.target) + T(2) * z * wy * lse;
   r.loss = r.target * lse_minus_xs_y + z * wy * lse * lse;
-  if (ls > T(0)) r.loss += r.smooth * (W * lse - sum_wx);
+  if (ls > T(0)) {
+    T sm = W * lse - sum_wx;  // sum_c w_c (lse - xs_c)
+    // An inf class weight: torch's term is inf * (lse - xs_c) > 0.
+    if (W == T(INFINITY)) sm = T(INFINITY);
+    r.loss += r.smooth * sm;
+  }
   return r;
 }
 
@@ -92,21 +105,26 @@ FL_HOST_DEVICE IndexRow<T> index_row(T lse, T xs_y, T wy, T W, T sum_wx, T ls, T
 // Gradient with respect to the softcapped logit at a non-target column.
 template <typename T>
 FL_HOST_DEVICE T index_grad(const IndexRow<T>& r, T xs, T lse, T w) {
-  return r.A * fl_exp(xs - lse) - r.smooth * w;
+  return r.A * fl_exp(xs - lse) - smooth_weight(r, w);
 }
 
 // At the target column p_y is close to 1 for a confident prediction, and A p_y - target loses all
 // its digits when p_y is rounded first (Liger PR 1329). Written as A (p_y - 1) + (A - target) with
-// p_y - 1 = expm1(xs_y - lse), it keeps full relative accuracy.
-template <typename T>
-FL_HOST_DEVICE T index_grad_target(const IndexRow<T>& r, T xs_y, T lse, T wy) {
-  return r.A * fl_expm1(xs_y - lse) + (r.A - r.target - r.smooth * wy);
-}
-
-// The same with expm1(xs_y - lse) already computed (by a vectorised caller).
+// p_y - 1 = expm1(xs_y - lse) (computed by the caller, maybe vectorised), it keeps full relative
+// accuracy. An infinite A (inf class weight with smoothing) would give inf - inf there: then
+// A p_y - target, inf like torch's.
 template <typename T>
 FL_HOST_DEVICE T index_grad_target_em1(const IndexRow<T>& r, T expm1_xs_y_minus_lse, T wy) {
-  return r.A * expm1_xs_y_minus_lse + (r.A - r.target - r.smooth * wy);
+  const T sw = smooth_weight(r, wy);
+  if (r.A == T(INFINITY) || r.A == -T(INFINITY)) {
+    return r.A * (expm1_xs_y_minus_lse + T(1)) - (r.target + sw);
+  }
+  return r.A * expm1_xs_y_minus_lse + (r.A - r.target - sw);
+}
+
+template <typename T>
+FL_HOST_DEVICE T index_grad_target(const IndexRow<T>& r, T xs_y, T lse, T wy) {
+  return index_grad_target_em1(r, fl_expm1(xs_y - lse), wy);
 }
 
 // The same with xs_y - lse passed in (see index_row_diff).
