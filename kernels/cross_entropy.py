@@ -350,14 +350,16 @@ def _scale_grad_kernel(
     if IS_SCALAR:
         s = tl.load(grad_loss_ptr).to(ACC_DTYPE)
         if s != 1.0:  # s == 1: the gradient is left untouched, decided on the device
-            g = tl.load(ptrs, mask=mask).to(ACC_DTYPE) * s
+            g = tl.load(ptrs, mask=mask).to(ACC_DTYPE)
+            g = tl.where(g == 0.0, 0.0, g * s)  # 0 stays 0 (a NaN s must not reach ignored rows)
             if EMULATE_RTNE and grad_ptr.dtype.element_ty == tl.bfloat16:
                 g = _round_bf16(g)
             tl.store(ptrs, g.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
         s = tl.load(grad_loss_ptr + n * grad_loss_stride_n + d * grad_loss_stride_d, mask=row_mask,
                     other=0.0).to(ACC_DTYPE)
-        g = tl.load(ptrs, mask=mask).to(ACC_DTYPE) * s[:, None]
+        g = tl.load(ptrs, mask=mask).to(ACC_DTYPE)
+        g = tl.where(g == 0.0, 0.0, g * s[:, None])
         if EMULATE_RTNE and grad_ptr.dtype.element_ty == tl.bfloat16:
             g = _round_bf16(g)
         tl.store(ptrs, g.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -517,8 +519,9 @@ def cross_entropy_fwd_inplace(input, target, weight, grad_scale, ignore_index: i
 
 def scale_grad_(grad, grad_loss) -> None:
     """grad (N, C, D) *= grad_loss (N, D) broadcast over C, in place, multiplying in float32
-    (float64 for float64 grad). An expanded grad_loss (all strides 0) is one scalar s, read on the
-    device: s == 1 leaves grad untouched."""
+    (float64 for float64 grad); an element that is 0 stays 0 whatever the factor (NaN, inf). An
+    expanded grad_loss (all strides 0) is one scalar s, read on the device: s == 1 leaves grad
+    untouched."""
     if grad.dim() != 3:
         raise ValueError(f"scale_grad_: grad must be (N, C, D), got shape {tuple(grad.shape)}")
     N, C, D = grad.shape

@@ -6,6 +6,8 @@
 - The weighted sums sum_c v_c (lse - xs_c) of probability targets and of the label-smoothing term
   must not cancel: fusedloss's relative error against float64 is at most twice torch's float32
   error, plus a floor (REL_FLOOR, ABS_FLOOR) for the roundings torch has as well.
+- scale_grad_: a gradient element that is exactly 0 stays 0 whatever the upstream gradient (NaN,
+  inf), so ignored rows keep torch's exact 0.
 """
 
 import pytest
@@ -186,3 +188,63 @@ def test_label_smoothing_large_offset_accuracy(backend, device, case):
     if case.endswith("weighted"):
         kw["weight"] = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).float()
     check_accuracy(backend, device, x, t, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. scale_grad_ keeps zeros
+
+def _scale_grad(backend):
+    if backend == "triton":
+        from fusedloss.kernels.cross_entropy import scale_grad_
+        return scale_grad_
+    return torch.ops.fusedloss_C.scale_grad_
+
+
+def _grad_with_zeros(layout, dtype):
+    """(N, C, D) with row n = 1 all zeros (an ignored row) and scattered zeros elsewhere."""
+    n, c, d = (3, 37, 1) if layout == "rows" else (3, 37, 6)
+    if layout == "strided":  # class dim not innermost, not contiguous
+        g = torch.randn(n, d, c, dtype=torch.float64).transpose(1, 2)
+    else:
+        g = torch.randn(n, c, d, dtype=torch.float64)
+    g[1] = 0.0
+    g[0, ::5] = 0.0
+    g[2, 3] = -0.0
+    return g.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["rows", "spatial", "strided"])
+@pytest.mark.parametrize("upstream", ["nan-scalar", "inf-scalar", "nan-per-row", "inf-per-row"])
+def test_scale_grad_keeps_zero(backend, device, dtype, layout, upstream):
+    g = _grad_with_zeros(layout, dtype)
+    n, _, d = g.shape
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    bad = float("nan") if upstream.startswith("nan") else float("inf")
+    if upstream.endswith("scalar"):
+        gl = torch.full((), bad, dtype=acc).expand(n, d)
+    else:
+        gl = torch.rand(n, d, dtype=acc) + 0.5
+        gl[1] = bad  # the ignored row
+        gl[0, 0] = bad  # a row with zeros and non-zeros
+    want = torch.where(g == 0, 0.0, g.to(acc) * gl[:, None, :]).to(dtype)
+    got = g.to(device)
+    _scale_grad(backend)(got, gl.to(device))
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got[1].cpu(), torch.zeros_like(got[1].cpu()))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_ignored_rows_keep_zero_gradient_with_nan_upstream(backend, device, reduction):
+    """End to end (the in-place backward scales with scale_grad_): torch's gradient is exactly 0
+    on ignored rows, whatever the upstream gradient."""
+    x = torch.randn(4, 9)
+    t = torch.tensor([1, -100, 3, -100])
+    up = torch.tensor(float("nan")) if reduction == "sum" else torch.tensor([0.5, float("nan"),
+                                                                              2.0, float("inf")])
+    _, g_want = _loss_and_grad(F.cross_entropy, x, t, up, reduction=reduction)
+    assert torch.equal(g_want[[1, 3]], torch.zeros(2, 9))
+    x, t, up = _on(device, x, t, up)
+    _, g_got = _loss_and_grad(fusedloss.cross_entropy, x, t, up, reduction=reduction,
+                              backend=backend, inplace_backward=True)
+    torch.testing.assert_close(g_got.cpu(), g_want, rtol=2e-5, atol=1e-6, equal_nan=True)

@@ -1071,7 +1071,14 @@ void cross_entropy_typed(const CrossEntropyArgs& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// scale_grad_
+// scale_grad_: g == 0 ? 0 : g * s, so that a NaN / inf upstream gradient does not reach the zero
+// gradient of ignored rows (torch's is exactly 0 there).
+
+template <typename V>
+inline V scale_keep_zero(const V& g, const V& s) {
+  const V zero(0);
+  return V::blendv(g * s, zero, g == zero);
+}
 
 template <typename T, typename A>
 void scale_span(T* p, int64_t n, A s) {
@@ -1082,12 +1089,12 @@ void scale_span(T* p, int64_t n, A s) {
   for (; i + P <= n; i += P) {
     V a0, a1;
     Io<T>::load(p + i, a0, a1);
-    Io<T>::store(p + i, a0 * vs, a1 * vs);
+    Io<T>::store(p + i, scale_keep_zero(a0, vs), scale_keep_zero(a1, vs));
   }
   if (i < n) {
     V a0, a1;
     Io<T>::load_n(p + i, n - i, a0, a1);
-    Io<T>::store_n(p + i, n - i, a0 * vs, a1 * vs);
+    Io<T>::store_n(p + i, n - i, scale_keep_zero(a0, vs), scale_keep_zero(a1, vs));
   }
 }
 
@@ -1100,13 +1107,13 @@ void scale_span_by(T* p, int64_t n, const A* s) {
     V a0, a1, s0, s1;
     Io<T>::load(p + i, a0, a1);
     Io<A>::load(s + i, s0, s1);
-    Io<T>::store(p + i, a0 * s0, a1 * s1);
+    Io<T>::store(p + i, scale_keep_zero(a0, s0), scale_keep_zero(a1, s1));
   }
   if (i < n) {
     V a0, a1, s0, s1;
     Io<T>::load_n(p + i, n - i, a0, a1);
     Io<A>::load_n(s + i, n - i, s0, s1);
-    Io<T>::store_n(p + i, n - i, a0 * s0, a1 * s1);
+    Io<T>::store_n(p + i, n - i, scale_keep_zero(a0, s0), scale_keep_zero(a1, s1));
   }
 }
 

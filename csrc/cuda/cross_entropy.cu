@@ -588,6 +588,13 @@ __global__ void __launch_bounds__(kStridedKernelThreads)
 // scale_grad_ kernels. With a scalar upstream gradient every block reads it first and returns
 // when it is 1, before touching grad.
 
+// g == 0 stays 0: a NaN / inf upstream gradient must not reach ignored rows (torch gives 0).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t scale_keep_zero(scalar_t g, acc_t s) {
+  const acc_t v = static_cast<acc_t>(g);
+  return static_cast<scalar_t>(v == acc_t(0) ? acc_t(0) : v * s);
+}
+
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kScaleThreads)
     scale_flat_kernel(scalar_t* g, int64_t numel, const acc_t* sp) {
@@ -599,16 +606,16 @@ __global__ void __launch_bounds__(kScaleThreads)
   const int64_t tail = head + nvec * VEC;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nt = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  if (tid < head) g[tid] = static_cast<scalar_t>(static_cast<acc_t>(g[tid]) * s);
+  if (tid < head) g[tid] = scale_keep_zero<scalar_t>(g[tid], s);
   for (int64_t v = tid; v < nvec; v += nt) {
     Vec* ptr = reinterpret_cast<Vec*>(g + head + v * VEC);
     Vec val = *ptr;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) val.val[i] = static_cast<scalar_t>(static_cast<acc_t>(val.val[i]) * s);
+    for (int i = 0; i < VEC; ++i) val.val[i] = scale_keep_zero<scalar_t>(val.val[i], s);
     *ptr = val;
   }
   for (int64_t i = tail + tid; i < numel; i += nt) {
-    g[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * s);
+    g[i] = scale_keep_zero<scalar_t>(g[i], s);
   }
 }
 
@@ -637,7 +644,7 @@ __global__ void __launch_bounds__(kScaleThreads)
     if constexpr (!SCALAR) f = gl[static_cast<int64_t>(n) * lN + static_cast<int64_t>(d) * lD];
     scalar_t* ptr = g + static_cast<int64_t>(n) * gN + static_cast<int64_t>(c) * gC +
                     static_cast<int64_t>(d) * gD;
-    *ptr = static_cast<scalar_t>(static_cast<acc_t>(*ptr) * f);
+    *ptr = scale_keep_zero<scalar_t>(*ptr, f);
   }
 }
 
