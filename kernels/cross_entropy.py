@@ -9,8 +9,10 @@ tile of BLOCK_ROWS rows of one n (consecutive d) and walks the classes in BLOCK_
 row never has to fit in one block:
 
 * pass 1: online max / sum of exp over the chunks, plus the target logit (class-index targets:
-  one gathered load per row, target validated first), the label-smoothing sums sum_c w_c and
-  sum_c w_c xs_c, or the probability-target sums sum_c w_c t'_c and sum_c w_c t'_c xs_c;
+  one gathered load per row, target validated first) and, for label smoothing (v = w) or
+  probability targets (v = w t'), omega = sum_c v_c and a = sum_c v_c (m - xs_c) relative to the
+  running max m, moved to a new max by a += omega (m' - m): non-negative terms, so the row's
+  sum_c v_c (lse - xs_c) = a + omega log(s) does not cancel (cross_entropy.h: dev_rebase);
 * pass 2 (COMPUTE_GRAD): reload the chunks and write the gradient through the gradient's strides.
   In place, those are the input's own strides; every element is read before it is overwritten.
 
@@ -178,8 +180,8 @@ def _cross_entropy_fwd_kernel(
 
     if PROB_TARGET:
         t_row = n * target_stride_n + d * target_stride_d
-        sum_wt = tl.zeros([BLOCK_ROWS], ACC_DTYPE)
-        sum_wtx = tl.zeros([BLOCK_ROWS], ACC_DTYPE)
+        sum_wt = tl.zeros([BLOCK_ROWS], ACC_DTYPE)  # omega
+        sum_wtd = tl.zeros([BLOCK_ROWS], ACC_DTYPE)  # a
     else:
         # Class-index target: validate before it is used as an address.
         y = tl.load(target_ptr + n * target_stride_n + d * target_stride_d, mask=row_mask,
@@ -202,8 +204,8 @@ def _cross_entropy_fwd_kernel(
         else:
             w_y = tl.full([BLOCK_ROWS], 1.0, ACC_DTYPE)
         if HAS_SMOOTHING:
-            sum_wx = tl.zeros([BLOCK_ROWS], ACC_DTYPE)
-            W = tl.zeros([], ACC_DTYPE)
+            sum_wd = tl.zeros([BLOCK_ROWS], ACC_DTYPE)  # a
+            W = tl.zeros([], ACC_DTYPE)  # omega: the same for every row
 
     # ---- pass 1: online logsumexp and the row sums ------------------------------------------
     m = tl.full([BLOCK_ROWS], float("-inf"), ACC_DTYPE)
@@ -216,7 +218,9 @@ def _cross_entropy_fwd_kernel(
         m_new = tl.maximum(m, tl.max(x, axis=1), propagate_nan=tl.PropagateNan.ALL)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: s stays 0
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
-        m = m_new
+        if PROB_TARGET or HAS_SMOOTHING:
+            # m_new - x; a -inf logit is infinitely far (m_new may be -inf too).
+            dist = tl.where(x == float("-inf"), float("inf"), m_new[:, None] - x)
         if HAS_WEIGHT and (PROB_TARGET or HAS_SMOOTHING):
             w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
         if PROB_TARGET:
@@ -226,25 +230,34 @@ def _cross_entropy_fwd_kernel(
                 t = tl.where(mask, (1.0 - ls) * t + smooth, 0.0)
             if HAS_WEIGHT:
                 t = w[None, :] * t
+            # To the new max only where there is weight and the max rose (0 * inf otherwise).
+            sum_wtd = tl.where((sum_wt != 0.0) & (m_new > m), sum_wtd + sum_wt * (m_new - m),
+                               sum_wtd)
             sum_wt += tl.sum(t, axis=1)
-            sum_wtx += tl.sum(tl.where(mask, t * x, 0.0), axis=1)
+            sum_wtd += tl.sum(tl.where(mask, t * dist, 0.0), axis=1)
         else:
             if HAS_SMOOTHING:
+                if not HAS_WEIGHT:
+                    W = tl.zeros([], ACC_DTYPE) + start  # the columns before this chunk
+                omega = tl.zeros([BLOCK_ROWS], ACC_DTYPE) + W
+                sum_wd = tl.where((omega != 0.0) & (m_new > m), sum_wd + omega * (m_new - m),
+                                  sum_wd)
                 if HAS_WEIGHT:
-                    sum_wx += tl.sum(tl.where(mask, w[None, :] * x, 0.0), axis=1)
+                    sum_wd += tl.sum(tl.where(mask, w[None, :] * dist, 0.0), axis=1)
                     W += tl.sum(w, axis=0)
                 else:
-                    sum_wx += tl.sum(tl.where(mask, x, 0.0), axis=1)
+                    sum_wd += tl.sum(tl.where(mask, dist, 0.0), axis=1)
+        m = m_new
     # lse = m + log(s) is only stored; the math below uses (x - m) - log(s), which keeps the
     # accuracy of torch's log_softmax instead of an absolute error of ulp(lse) (lse ~ 20 in float32:
     # 2e-6, all of 1 - p_y for a confident prediction).
     log_s = tl.log(s)
     lse = m + log_s
 
-    # ---- row coefficients (cross_entropy.h: index_row / prob_row) ----------------------------
+    # ---- row coefficients (cross_entropy.h: index_row_diff / prob_row) -----------------------
     if PROB_TARGET:
         A = sum_wt
-        loss = sum_wt * lse - sum_wtx
+        loss = sum_wtd + sum_wt * log_s
         if HAS_Z_LOSS:
             A += 2.0 * z * lse
             loss += z * lse * lse
@@ -254,7 +267,7 @@ def _cross_entropy_fwd_kernel(
             if not HAS_WEIGHT:
                 W = tl.full([], C, ACC_DTYPE)
             tgt = (1.0 - ls) * w_y
-            A = tgt + smooth * W
+            A = tgt + smooth * W  # W = inf (an inf class weight): A = inf
         else:
             tgt = w_y
             A = tgt
@@ -263,7 +276,10 @@ def _cross_entropy_fwd_kernel(
             A += 2.0 * z * w_y * lse
             loss += z * w_y * lse * lse
         if HAS_SMOOTHING:
-            loss += smooth * (W * lse - sum_wx)
+            sm = sum_wd + W * log_s  # sum_c w_c (lse - xs_c)
+            if HAS_WEIGHT:  # torch: inf * (lse - xs_c) > 0; here inf * 0 where that class is max
+                sm = tl.where(W == float("inf"), float("inf"), sm)
+            loss += smooth * sm
         loss = tl.where(ignored, 0.0, loss) * scale  # ignored: 0 * scale (NaN if scale is inf)
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
@@ -274,9 +290,13 @@ def _cross_entropy_fwd_kernel(
         if not PROB_TARGET:
             # Target column: A (p_y - 1) + (A - target) with p_y - 1 = expm1(xs_y - lse): no
             # cancellation when p_y is close to 1.
-            g_y = A * _expm1((x_y - m) - log_s, EXPM1_TERMS) + (A - tgt)
+            em1 = _expm1((x_y - m) - log_s, EXPM1_TERMS)
+            g_y = A * em1 + (A - tgt)
             if HAS_SMOOTHING:
                 g_y -= smooth * w_y
+                # Infinite A: inf - inf above; A p_y - target is inf like torch's.
+                g_y = tl.where(tl.abs(A) == float("inf"), A * (em1 + 1.0) - (tgt + smooth * w_y),
+                               g_y)
         for start in range(0, C, BLOCK_SIZE):
             cols, col_mask, col_off, mask, x = _logits_block(
                 x_ptr, x_row, x_stride_c, start, C, row_mask, softcap, ACC_DTYPE, BLOCK_SIZE,
@@ -330,14 +350,16 @@ def _scale_grad_kernel(
     if IS_SCALAR:
         s = tl.load(grad_loss_ptr).to(ACC_DTYPE)
         if s != 1.0:  # s == 1: the gradient is left untouched, decided on the device
-            g = tl.load(ptrs, mask=mask).to(ACC_DTYPE) * s
+            g = tl.load(ptrs, mask=mask).to(ACC_DTYPE)
+            g = tl.where(g == 0.0, 0.0, g * s)  # 0 stays 0 (a NaN s must not reach ignored rows)
             if EMULATE_RTNE and grad_ptr.dtype.element_ty == tl.bfloat16:
                 g = _round_bf16(g)
             tl.store(ptrs, g.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
         s = tl.load(grad_loss_ptr + n * grad_loss_stride_n + d * grad_loss_stride_d, mask=row_mask,
                     other=0.0).to(ACC_DTYPE)
-        g = tl.load(ptrs, mask=mask).to(ACC_DTYPE) * s[:, None]
+        g = tl.load(ptrs, mask=mask).to(ACC_DTYPE)
+        g = tl.where(g == 0.0, 0.0, g * s[:, None])
         if EMULATE_RTNE and grad_ptr.dtype.element_ty == tl.bfloat16:
             g = _round_bf16(g)
         tl.store(ptrs, g.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -497,8 +519,9 @@ def cross_entropy_fwd_inplace(input, target, weight, grad_scale, ignore_index: i
 
 def scale_grad_(grad, grad_loss) -> None:
     """grad (N, C, D) *= grad_loss (N, D) broadcast over C, in place, multiplying in float32
-    (float64 for float64 grad). An expanded grad_loss (all strides 0) is one scalar s, read on the
-    device: s == 1 leaves grad untouched."""
+    (float64 for float64 grad); an element that is 0 stays 0 whatever the factor (NaN, inf). An
+    expanded grad_loss (all strides 0) is one scalar s, read on the device: s == 1 leaves grad
+    untouched."""
     if grad.dim() != 3:
         raise ValueError(f"scale_grad_: grad must be (N, C, D), got shape {tuple(grad.shape)}")
     N, C, D = grad.shape

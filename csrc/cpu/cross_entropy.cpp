@@ -246,13 +246,16 @@ void scale_grad_cpu(const Tensor& grad, const Tensor& grad_loss) {
     if (acc == at::kFloat) a.scalar = static_cast<float>(a.scalar);
     if (a.scalar == 1.0) return;
     if (!grad.is_contiguous()) {
-      grad.mul_(a.scalar);
+      const Tensor zero = grad == 0;  // stays 0 (see the kernel's scale_keep_zero)
+      grad.mul_(a.scalar).masked_fill_(zero, 0);
       return;
     }
   } else {
     gl = grad_loss.to(acc).contiguous();
     if (!grad.is_contiguous()) {
-      grad.mul_(gl.unsqueeze(1));  // computed in gl's dtype (float32 for half grads), rounded once
+      const Tensor zero = grad == 0;
+      // computed in gl's dtype (float32 for half grads), rounded once
+      grad.mul_(gl.unsqueeze(1)).masked_fill_(zero, 0);
       return;
     }
     a.grad_loss = gl.const_data_ptr();

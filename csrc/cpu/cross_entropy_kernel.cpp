@@ -229,8 +229,33 @@ inline Lse<A> merge_lanes(const Vectorized<A>& m, const Vectorized<A>& s) {
   return make_lse(M, hsum(s * vexp(m - Vectorized<A>(M))));  // all -inf row: S = 0
 }
 
+// Lane-wise ce::dev_rebase: a (relative to m, holding weight om) moved to the max mn >= m.
+template <typename V>
+inline V rebase(const V& a, const V& om, const V& m, const V& mn) {
+  const V zero(0);
+  return a + V::blendv(zero, om * (mn - m), (om != zero) & (mn > m));
+}
+
 // Elements per chunk of pass 1: read twice (max, then exp-sum) while in L1.
 constexpr int64_t kChunk = 2048;
+
+// Lane-wise weight sums (counts without weight) of the smoothing sum's omega, which are the same
+// for every row, so pass 1 does not add them up: entry k (VS values) holds the columns before
+// pass 1's chunk k, the last entry the whole row. Lane l holds the columns c with c % VS == l.
+template <typename A>
+std::vector<A> lane_weights(int64_t C, const A* w) {
+  constexpr int64_t VS = Vectorized<A>::size(), P = 2 * VS;
+  const int64_t Cf = C - C % P;
+  std::vector<A> t, acc(VS, A(0));
+  auto add = [&](int64_t c0, int64_t c1) {
+    t.insert(t.end(), acc.begin(), acc.end());
+    for (int64_t c = c0; c < c1; ++c) acc[c % VS] += w ? w[c] : A(1);
+  };
+  for (int64_t c0 = 0; c0 < Cf; c0 += kChunk) add(c0, std::min(c0 + kChunk, Cf));
+  if (Cf < C) add(Cf, C);
+  t.insert(t.end(), acc.begin(), acc.end());
+  return t;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Rows path, class-index targets.
@@ -250,30 +275,39 @@ struct RowScratch {
 };
 
 // Pass 1 over a contiguous row of C logits (already softcapped if softcap is on): the row's lse;
-// `sum` gets sum_c x_c (kSumX) or sum_c w_c x_c (kSumWX), for label smoothing. With STORE, e gets
-// exp(x_c - m_chunk) (zero past C, up to a whole pair) and mc each chunk's max (a vector).
+// for label smoothing `sum` gets sum_c (M - x_c) (kSumX) or sum_c w_c (M - x_c) (kSumWX), M the
+// row max, from lane sums relative to the lane max, rebased with lane_w (lane_weights) when the
+// max rises; each chunk is summed on its own, then added (fewer rounding steps). With STORE, e
+// gets exp(x_c - m_chunk) (zero past C, up to a whole pair) and mc each chunk's max (a vector).
 template <int MODE, bool STORE, typename X, typename A = acc_t<X>>
-Lse<A> pass1_index(const X* x, int64_t C, const A* w, A& sum, A* e, A* mc) {
+Lse<A> pass1_index(const X* x, int64_t C, const A* w, const A* lane_w, A& sum, A* e, A* mc) {
   using IO = Io<X>;
   using V = Vectorized<A>;
   constexpr int64_t P = IO::kPair;
   constexpr int64_t VS = V::size();
   V m(kLowest<A>);  // finite start: a lane that only sees -inf keeps s = 0 instead of NaN
-  V s0(0), s1(0), s2(0), s3(0), a0(0), a1(0), a2(0), a3(0);
+  V s0(0), s1(0), s2(0), s3(0);
+  V a0(0), a1(0), a2(0), a3(0);  // this chunk's smoothing sums
+  V at(0);                       // the smoothing sum of the chunks before
   auto rescale = [&](const V& mn) {  // new running max: rescale the sums
     const V f = vexp(m - mn);
     s0 = s0 * f;
     s1 = s1 * f;
     s2 = s2 * f;
     s3 = s3 * f;
+    if constexpr (MODE != kNoSum) {
+      at = rebase(at, V::loadu(lane_w), m, mn);
+      lane_w += VS;
+      a0 = a1 = a2 = a3 = V(0);
+    }
     m = mn;
     if constexpr (STORE) {
       m.store(mc);
       mc += VS;
     }
   };
-  // One pair at column c: exp(x - m) into the sums sa, sb (and e), the logits v (x is v masked
-  // to -inf past C, in the tail) into the smoothing sums aa, ab, weighted by load_w's pair.
+  // One pair at column c: exp(x - m) into the sums sa, sb (and e), m - v into the smoothing sums
+  // aa, ab, weighted by load_w's pair (in the tail x is v masked to -inf past C, v is m there).
   auto add_pair = [&](int64_t c, const V& x0, const V& x1, const V& v0, const V& v1, V& sa,
                       V& sb, V& aa, V& ab, auto&& load_w) {
     const V e0 = vexp(x0 - m), e1 = vexp(x1 - m);
@@ -284,13 +318,13 @@ Lse<A> pass1_index(const X* x, int64_t C, const A* w, A& sum, A* e, A* mc) {
       e1.store(e + c + VS);
     }
     if constexpr (MODE == kSumX) {
-      aa = aa + v0;
-      ab = ab + v1;
+      aa = aa + (m - v0);
+      ab = ab + (m - v1);
     } else if constexpr (MODE == kSumWX) {
       V w0, w1;
       load_w(c, w0, w1);
-      aa = at::vec::fmadd(w0, v0, aa);
-      ab = at::vec::fmadd(w1, v1, ab);
+      aa = at::vec::fmadd(w0, m - v0, aa);
+      ab = at::vec::fmadd(w1, m - v1, ab);
     }
   };
   auto load_w = [&](int64_t c, V& w0, V& w1) {
@@ -327,6 +361,7 @@ Lse<A> pass1_index(const X* x, int64_t C, const A* w, A& sum, A* e, A* mc) {
       IO::load(x + c, v0, v1);
       add_pair(c, v0, v1, v0, v1, s0, s1, a0, a1, load_w);
     }
+    if constexpr (MODE != kNoSum) at = at + ((a0 + a1) + (a2 + a3));
   }
   if (Cf < C) {  // tail of < P elements, its own chunk; zero-filled, masked to -inf for the softmax
     const int64_t n = C - Cf;
@@ -337,11 +372,13 @@ Lse<A> pass1_index(const X* x, int64_t C, const A* w, A& sum, A* e, A* mc) {
     const V x0 = V::set(ninf, v0, n0);
     const V x1 = V::set(ninf, v1, n - n0);
     rescale(vmax(m, vmax(x0, x1)));
-    add_pair(Cf, x0, x1, v0, v1, s0, s1, a0, a1,
+    add_pair(Cf, x0, x1, V::set(m, v0, n0), V::set(m, v1, n - n0), s0, s1, a0, a1,
              [&](int64_t c, V& w0, V& w1) { Io<A>::load_n(w + c, n, w0, w1); });
+    if constexpr (MODE != kNoSum) at = at + (a0 + a1);
   }
-  if constexpr (MODE != kNoSum) sum = hsum((a0 + a1) + (a2 + a3));
-  return merge_lanes<A>(m, (s0 + s1) + (s2 + s3));
+  const Lse<A> L = merge_lanes<A>(m, (s0 + s1) + (s2 + s3));
+  if constexpr (MODE != kNoSum) sum = hsum(rebase(at, V::loadu(lane_w), m, V(L.m)));
+  return L;
 }
 
 // Pass 2 from pass 1's scratch: g_c = coef_a * p_c - coef_s * (WS ? w_c : 1), times
@@ -412,6 +449,7 @@ struct Ctx {
   int64_t C;
   const A* w;  // nullptr: all ones
   A W;         // sum of w
+  const A* lane_w;  // lane_weights(C, w) with label smoothing (rows path), else nullptr
   A ls, z, scale, cap;
   int64_t ignore_index;
   bool capped;
@@ -431,9 +469,10 @@ void index_row(const X* x, O* g, const Ctx<A>& k, int64_t y, RowScratch<A>* scra
   A sum = 0;
   const bool ignored = y == k.ignore_index;
   const bool grad = g != nullptr && !ignored;
-  const Lse<A> L = grad ? pass1_index<MODE, true>(x, k.C, k.w, sum, scratch->e.data(),
+  const Lse<A> L = grad ? pass1_index<MODE, true>(x, k.C, k.w, k.lane_w, sum, scratch->e.data(),
                                                   scratch->m.data())
-                        : pass1_index<MODE, false>(x, k.C, k.w, sum, static_cast<A*>(nullptr),
+                        : pass1_index<MODE, false>(x, k.C, k.w, k.lane_w, sum,
+                                                   static_cast<A*>(nullptr),
                                                    static_cast<A*>(nullptr));
   const A lse = L.lse;
   *lse_out = lse;
@@ -445,7 +484,8 @@ void index_row(const X* x, O* g, const Ctx<A>& k, int64_t y, RowScratch<A>* scra
   const A xs_y = static_cast<A>(x[y]);
   const A wy = k.w ? k.w[y] : A(1);
   const A d = (L.m - xs_y) + L.log_s;  // lse - xs_y
-  const ce::IndexRow<A> r = ce::index_row_diff<A>(lse, d, wy, k.W, sum, k.ls, k.z, k.C);
+  const ce::IndexRow<A> r =
+      ce::index_row_diff<A>(lse, L.log_s, d, wy, k.W, sum, k.ls, k.z, k.C);
   *loss_out = r.loss * k.scale;
   if (!grad) return;
   if (!std::isfinite(lse)) {  // NaN or infinite logits: NaN gradient, as torch
@@ -462,16 +502,19 @@ void index_row(const X* x, O* g, const Ctx<A>& k, int64_t y, RowScratch<A>* scra
 // ---------------------------------------------------------------------------------------------
 // Rows path, probability targets. t'_c = keep * t_c + add (keep = 1 - ls, add = ls / C).
 
+// Pass 1: the row's lse, sum_wt = sum_c w_c t'_c and sum_wtd = sum_c w_c t'_c (M - x_c), M the
+// row max, from lane sums b relative to the lane max, rebased (with the lane's a) when it rises;
+// each chunk is summed on its own, then added.
 template <bool HAS_W, typename X, typename TT, typename A = acc_t<X>>
 Lse<A> pass1_prob(const X* x, const TT* t, int64_t C, const A* w, A keep, A add, A& sum_wt,
-             A& sum_wtx) {
+                  A& sum_wtd) {
   using V = Vectorized<A>;
   constexpr int64_t P = Io<X>::kPair;
   constexpr int64_t VS = V::size();
   static_assert(Io<TT>::kPair == P, "same pair width");
   const V vkeep(keep), vadd(add);
   V m(kLowest<A>);
-  V s0(0), s1(0), a0(0), a1(0), b0(0), b1(0);
+  V s0(0), s1(0), a0(0), a1(0), b0(0), b1(0);  // a: sum w t', b: sum w t' (m - x), per lane
   auto sums = [&](const V& v, const V& tv, const V& wv) {  // returns w t'
     V wt = at::vec::fmadd(vkeep, tv, vadd);
     if constexpr (HAS_W) wt = wt * wv;
@@ -491,7 +534,10 @@ Lse<A> pass1_prob(const X* x, const TT* t, int64_t C, const A* w, A keep, A add,
     const V f = vexp(m - mn);
     s0 = s0 * f;
     s1 = s1 * f;
+    b0 = rebase(b0, a0, m, mn);
+    b1 = rebase(b1, a1, m, mn);
     m = mn;
+    V ca0(0), ca1(0), cb0(0), cb1(0);  // this chunk's a and b: summed on their own, then added
     for (int64_t c = c0; c < c1; c += P) {
       V v0, v1, t0, t1;
       Io<X>::load(x + c, v0, v1);
@@ -504,11 +550,15 @@ Lse<A> pass1_prob(const X* x, const TT* t, int64_t C, const A* w, A keep, A add,
         w1 = V::loadu(w + c + VS);
       }
       const V wt0 = sums(v0, t0, w0), wt1 = sums(v1, t1, w1);
-      a0 = a0 + wt0;
-      a1 = a1 + wt1;
-      b0 = at::vec::fmadd(wt0, v0, b0);
-      b1 = at::vec::fmadd(wt1, v1, b1);
+      ca0 = ca0 + wt0;
+      ca1 = ca1 + wt1;
+      cb0 = at::vec::fmadd(wt0, m - v0, cb0);
+      cb1 = at::vec::fmadd(wt1, m - v1, cb1);
     }
+    a0 = a0 + ca0;
+    a1 = a1 + ca1;
+    b0 = b0 + cb0;
+    b1 = b1 + cb1;
   }
   if (Cf < C) {
     const int64_t n = C - Cf;
@@ -523,6 +573,8 @@ Lse<A> pass1_prob(const X* x, const TT* t, int64_t C, const A* w, A keep, A add,
     const V f = vexp(m - mn);
     s0 = s0 * f;
     s1 = s1 * f;
+    b0 = rebase(b0, a0, m, mn);
+    b1 = rebase(b1, a1, m, mn);
     m = mn;
     s0 = s0 + vexp(x0 - m);
     s1 = s1 + vexp(x1 - m);
@@ -530,12 +582,14 @@ Lse<A> pass1_prob(const X* x, const TT* t, int64_t C, const A* w, A keep, A add,
     const V wt1 = V::set(zero, sums(v1, t1, w1), n - n0);
     a0 = a0 + wt0;
     a1 = a1 + wt1;
-    b0 = at::vec::fmadd(wt0, v0, b0);
-    b1 = at::vec::fmadd(wt1, v1, b1);
+    b0 = at::vec::fmadd(wt0, V::set(zero, m - v0, n0), b0);
+    b1 = at::vec::fmadd(wt1, V::set(zero, m - v1, n - n0), b1);
   }
-  sum_wt = hsum(a0 + a1);
-  sum_wtx = hsum(b0 + b1);
-  return merge_lanes<A>(m, s0 + s1);
+  const Lse<A> L = merge_lanes<A>(m, s0 + s1);
+  const V om = a0 + a1;
+  sum_wt = hsum(om);
+  sum_wtd = hsum(rebase(b0 + b1, om, m, V(L.m)));
+  return L;
 }
 
 // g_c = coef_a * p_c - scale * w_c t'_c, times the softcap factor when CAPPED.
@@ -585,11 +639,11 @@ void pass2_prob(const X* x, const TT* t, O* g, int64_t C, const A* w, const Lse<
 template <bool HAS_W, bool CAPPED, typename X, typename TT, typename O, typename A>
 void prob_row(const X* x, const TT* t, O* g, const Ctx<A>& k, A* loss_out, A* lse_out) {
   const A keep = A(1) - k.ls, add = k.ls / A(k.C);
-  A sum_wt = 0, sum_wtx = 0;
-  const Lse<A> L = pass1_prob<HAS_W>(x, t, k.C, k.w, keep, add, sum_wt, sum_wtx);
+  A sum_wt = 0, sum_wtd = 0;
+  const Lse<A> L = pass1_prob<HAS_W>(x, t, k.C, k.w, keep, add, sum_wt, sum_wtd);
   const A lse = L.lse;
   *lse_out = lse;
-  const ce::ProbRow<A> r = ce::prob_row<A>(lse, sum_wt, sum_wtx, k.z);
+  const ce::ProbRow<A> r = ce::prob_row<A>(lse, L.log_s, sum_wt, sum_wtd, k.z);
   *loss_out = r.loss * k.scale;
   if (!g) return;
   if (!std::isfinite(lse)) {
@@ -627,6 +681,7 @@ Ctx<A> make_ctx(const CrossEntropyArgs& a) {
   k.cap = k.capped ? static_cast<A>(a.softcap) : A(0);
   k.ignore_index = a.ignore_index;
   k.stream = false;
+  k.lane_w = nullptr;
   return k;
 }
 
@@ -713,6 +768,12 @@ void run_rows(const CrossEntropyArgs& a) {
   k.stream = g != nullptr && g_direct && static_cast<const void*>(g) != a.input && D == 1 &&
              aligned(g) && aligned(g + a.gr_sn) &&
              rows * C * int64_t(sizeof(T)) >= kStreamMinBytes;
+
+  std::vector<A> lane_w;
+  if (!prob && k.ls > A(0)) {
+    lane_w = lane_weights<A>(C, k.w);
+    k.lane_w = lane_w.data();
+  }
 
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     std::vector<A> xbuf(stage_x ? C : 0), gbuf(g_direct ? 0 : C), tbuf(stage_t ? C : 0);
@@ -846,7 +907,7 @@ void run_spatial_impl(const CrossEntropyArgs& a) {
         m0 = vmax(m0, v0);
         m1 = vmax(m1, v1);
       }
-      // Sums.
+      // Sums; the lane max m is final here, so the sums of m - x need no rebase.
       V s0(0), s1(0), a0(0), a1(0), b0(0), b1(0);
       const V vkeep(keep), vadd(add);
       for (int64_t c = 0; c < C; ++c) {
@@ -876,15 +937,15 @@ void run_spatial_impl(const CrossEntropyArgs& a) {
           wt1.store(wts.data() + c * P + VS);
           a0 = a0 + wt0;
           a1 = a1 + wt1;
-          b0 = at::vec::fmadd(wt0, v0, b0);
-          b1 = at::vec::fmadd(wt1, v1, b1);
+          b0 = at::vec::fmadd(wt0, m0 - v0, b0);
+          b1 = at::vec::fmadd(wt1, m1 - v1, b1);
         } else if constexpr (MODE == kSumX) {
-          a0 = a0 + v0;
-          a1 = a1 + v1;
+          a0 = a0 + (m0 - v0);
+          a1 = a1 + (m1 - v1);
         } else if constexpr (MODE == kSumWX) {
           const V wc(k.w[c]);
-          a0 = at::vec::fmadd(wc, v0, a0);
-          a1 = at::vec::fmadd(wc, v1, a1);
+          a0 = at::vec::fmadd(wc, m0 - v0, a0);
+          a1 = at::vec::fmadd(wc, m1 - v1, a1);
         }
       }
       m0.store(mb);
@@ -905,7 +966,7 @@ void run_spatial_impl(const CrossEntropyArgs& a) {
         const A lse = L.lse;
         lse_out[row0 + l] = lse;
         if constexpr (PROB) {
-          const ce::ProbRow<A> r = ce::prob_row<A>(lse, ab[l], bb[l], k.z);
+          const ce::ProbRow<A> r = ce::prob_row<A>(lse, L.log_s, ab[l], bb[l], k.z);
           loss[row0 + l] = r.loss * k.scale;
           qab[l] = k.scale * r.A / sb[l];  // p = e / s
           csb[l] = k.scale;
@@ -920,7 +981,8 @@ void run_spatial_impl(const CrossEntropyArgs& a) {
           const A xs_y = xs[y * P + l];
           const A wy = k.w ? k.w[y] : A(1);
           const A d = (L.m - xs_y) + L.log_s;
-          const ce::IndexRow<A> r = ce::index_row_diff<A>(lse, d, wy, k.W, ab[l], k.ls, k.z, C);
+          const ce::IndexRow<A> r =
+              ce::index_row_diff<A>(lse, L.log_s, d, wy, k.W, ab[l], k.ls, k.z, C);
           rows[l] = r;
           db[l] = d;
           wyb[l] = wy;
@@ -1009,7 +1071,14 @@ void cross_entropy_typed(const CrossEntropyArgs& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// scale_grad_
+// scale_grad_: g == 0 ? 0 : g * s, so that a NaN / inf upstream gradient does not reach the zero
+// gradient of ignored rows (torch's is exactly 0 there).
+
+template <typename V>
+inline V scale_keep_zero(const V& g, const V& s) {
+  const V zero(0);
+  return V::blendv(g * s, zero, g == zero);
+}
 
 template <typename T, typename A>
 void scale_span(T* p, int64_t n, A s) {
@@ -1020,12 +1089,12 @@ void scale_span(T* p, int64_t n, A s) {
   for (; i + P <= n; i += P) {
     V a0, a1;
     Io<T>::load(p + i, a0, a1);
-    Io<T>::store(p + i, a0 * vs, a1 * vs);
+    Io<T>::store(p + i, scale_keep_zero(a0, vs), scale_keep_zero(a1, vs));
   }
   if (i < n) {
     V a0, a1;
     Io<T>::load_n(p + i, n - i, a0, a1);
-    Io<T>::store_n(p + i, n - i, a0 * vs, a1 * vs);
+    Io<T>::store_n(p + i, n - i, scale_keep_zero(a0, vs), scale_keep_zero(a1, vs));
   }
 }
 
@@ -1038,13 +1107,13 @@ void scale_span_by(T* p, int64_t n, const A* s) {
     V a0, a1, s0, s1;
     Io<T>::load(p + i, a0, a1);
     Io<A>::load(s + i, s0, s1);
-    Io<T>::store(p + i, a0 * s0, a1 * s1);
+    Io<T>::store(p + i, scale_keep_zero(a0, s0), scale_keep_zero(a1, s1));
   }
   if (i < n) {
     V a0, a1, s0, s1;
     Io<T>::load_n(p + i, n - i, a0, a1);
     Io<A>::load_n(s + i, n - i, s0, s1);
-    Io<T>::store_n(p + i, n - i, a0 * s0, a1 * s1);
+    Io<T>::store_n(p + i, n - i, scale_keep_zero(a0, s0), scale_keep_zero(a1, s1));
   }
 }
 

@@ -92,33 +92,38 @@ __device__ __forceinline__ void lse_update_chunk(ce::OnlineLSE<acc_t>& st, const
   st.m = m_new;
 }
 
-// Per-thread partial state of pass 1.
-//   class-index targets: a = sum_c w_c xs_c, b = sum_c w_c (only with a weight; else W = C)
-//   probability targets: a = sum_c w_c t'_c, b = sum_c w_c t'_c xs_c
+// Per-thread partial state of pass 1: the online lse and, with v_c = w_c t'_c (probability
+// targets) or w_c (label smoothing; 1 without weight), omega = sum_c v_c and
+// a = sum_c v_c (lse.m - xs_c): non-negative terms, see ce::dev_rebase.
 template <typename acc_t>
 struct RowState {
   ce::OnlineLSE<acc_t> lse;
+  acc_t omega;
   acc_t a;
-  acc_t b;
-  __device__ __forceinline__ RowState() : lse(), a(acc_t(0)), b(acc_t(0)) {}
-  __device__ __forceinline__ void merge(acc_t m2, acc_t s2, acc_t a2, acc_t b2) {
+  __device__ __forceinline__ RowState() : lse(), omega(acc_t(0)), a(acc_t(0)) {}
+  // After lse moved from the max m_old to lse.m.
+  __device__ __forceinline__ void rebase(acc_t m_old) {
+    a = ce::dev_rebase(a, omega, m_old, lse.m);
+  }
+  __device__ __forceinline__ void merge(acc_t m2, acc_t s2, acc_t omega2, acc_t a2) {
+    const acc_t m1 = lse.m;
     lse.merge(m2, s2);
-    a += a2;
-    b += b2;
+    a = ce::dev_rebase(a, omega, m1, lse.m) + ce::dev_rebase(a2, omega2, m2, lse.m);
+    omega += omega2;
   }
 };
 
 // Butterfly all-reduce over the 32 lanes of a warp. Every lane ends with the same state (the
-// merge is symmetric: nan_max and + commute).
+// merge is symmetric: nan_max and + commute, and both sides are rebased to the common max).
 template <typename acc_t>
 __device__ __forceinline__ void warp_allreduce(RowState<acc_t>& st) {
 #pragma unroll
   for (int off = kWarpSize / 2; off > 0; off >>= 1) {
     const acc_t m2 = __shfl_xor_sync(0xffffffffu, st.lse.m, off);
     const acc_t s2 = __shfl_xor_sync(0xffffffffu, st.lse.s, off);
+    const acc_t o2 = __shfl_xor_sync(0xffffffffu, st.omega, off);
     const acc_t a2 = __shfl_xor_sync(0xffffffffu, st.a, off);
-    const acc_t b2 = __shfl_xor_sync(0xffffffffu, st.b, off);
-    st.merge(m2, s2, a2, b2);
+    st.merge(m2, s2, o2, a2);
   }
 }
 
@@ -126,9 +131,9 @@ template <typename acc_t>
 struct BlockReduceShared {
   acc_t m[kBlockKernelMaxThreads / kWarpSize];
   acc_t s[kBlockKernelMaxThreads / kWarpSize];
+  acc_t o[kBlockKernelMaxThreads / kWarpSize];
   acc_t a[kBlockKernelMaxThreads / kWarpSize];
-  acc_t b[kBlockKernelMaxThreads / kWarpSize];
-  acc_t fm, fs, fa, fb;
+  acc_t fm, fs, fo, fa;
 };
 
 // All-reduce over the block (blockDim.x a multiple of 32, at most 512). Two barriers; safe to
@@ -142,8 +147,8 @@ __device__ __forceinline__ void block_allreduce(RowState<acc_t>& st, BlockReduce
   if (lane == 0) {
     sh.m[wid] = st.lse.m;
     sh.s[wid] = st.lse.s;
+    sh.o[wid] = st.omega;
     sh.a[wid] = st.a;
-    sh.b[wid] = st.b;
   }
   __syncthreads();  // partials visible; also orders every pass-1 read before any pass-2 write
   if (wid == 0) {
@@ -151,15 +156,15 @@ __device__ __forceinline__ void block_allreduce(RowState<acc_t>& st, BlockReduce
     if (lane < nwarps) {
       w.lse.m = sh.m[lane];
       w.lse.s = sh.s[lane];
+      w.omega = sh.o[lane];
       w.a = sh.a[lane];
-      w.b = sh.b[lane];
     }
     warp_allreduce(w);
     if (lane == 0) {
       sh.fm = w.lse.m;
       sh.fs = w.lse.s;
+      sh.fo = w.omega;
       sh.fa = w.a;
-      sh.fb = w.b;
     }
   }
   // Partials were read by warp 0 before this barrier, so the next row may overwrite them; the
@@ -168,8 +173,8 @@ __device__ __forceinline__ void block_allreduce(RowState<acc_t>& st, BlockReduce
   __syncthreads();
   st.lse.m = sh.fm;
   st.lse.s = sh.fs;
+  st.omega = sh.fo;
   st.a = sh.fa;
-  st.b = sh.fb;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -248,44 +253,41 @@ __device__ __forceinline__ RowCoef<acc_t> row_coef(const RowState<acc_t>& st,
                                                    acc_t ls, acc_t z, int64_t C, acc_t scale) {
   RowCoef<acc_t> rc;
   rc.lse = st.lse.lse();
+  const acc_t log_s = fl_log(st.lse.s);
   rc.d = acc_t(0);
   rc.scale = scale;
   if constexpr (PROB) {
-    rc.pr = ce::prob_row(rc.lse, st.a, st.b, z);
+    rc.pr = ce::prob_row(rc.lse, log_s, st.omega, st.a, z);
     rc.loss = rc.pr.loss * scale;
   } else {
     if (ti.ignored) {
       rc.ir = ce::IndexRow<acc_t>{acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
       rc.loss = acc_t(0) * scale;  // NaN for an all-ignored 'mean' (scale = inf), as torch
     } else {
-      const acc_t W = has_w ? st.b : static_cast<acc_t>(C);
-      rc.d = (st.lse.m - ti.xs_y) + fl_log(st.lse.s);
-      rc.ir = ce::index_row_diff(rc.lse, rc.d, ti.wy, W, st.a, ls, z, static_cast<long>(C));
+      const acc_t W = has_w ? st.omega : static_cast<acc_t>(C);
+      rc.d = (st.lse.m - ti.xs_y) + log_s;
+      rc.ir = ce::index_row_diff(rc.lse, log_s, rc.d, ti.wy, W, st.a, ls, z,
+                                 static_cast<long>(C));
       rc.loss = rc.ir.loss * scale;
     }
   }
   return rc;
 }
 
-// Pass-1 contribution of one element beyond the logsumexp.
+// Pass-1 contribution of one element beyond the logsumexp, after st.lse took it in (and
+// st.rebase moved a to the new max).
 template <bool PROB, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void pass1_sums(RowState<acc_t>& st, const CEParams<scalar_t, acc_t>& p,
                                            int64_t c, acc_t xs, acc_t tv) {
+  acc_t v;
   if constexpr (PROB) {
-    acc_t wt = ce::smoothed_prob(tv, p.ls, static_cast<long>(p.C));
-    if (p.w != nullptr) wt *= p.w[c];
-    st.a += wt;
-    st.b += wt * xs;
+    v = ce::smoothed_prob(tv, p.ls, static_cast<long>(p.C));
+    if (p.w != nullptr) v *= p.w[c];
   } else {
-    // Only called with label smoothing.
-    if (p.w != nullptr) {
-      const acc_t wc = p.w[c];
-      st.a += wc * xs;
-      st.b += wc;
-    } else {
-      st.a += xs;
-    }
+    v = p.w != nullptr ? p.w[c] : acc_t(1);  // only called with label smoothing
   }
+  st.omega += v;
+  st.a += v * ce::dev_term(st.lse.m, xs);
 }
 
 // d(scaled row loss)/d(x_c) for a non-ignored row.
@@ -363,7 +365,7 @@ __device__ __forceinline__ void contiguous_row(const CEParams<scalar_t, acc_t>& 
   RowState<acc_t> st;
   if (tid < head) {
     const acc_t xs = softcap_of(static_cast<acc_t>(xrow[tid]), p.softcap);
-    st.lse.update(xs);
+    st.lse.update(xs);  // the first update: nothing to rebase
     if (need_sums) pass1_sums<PROB>(st, p, tid, xs, load_t(tid));
   }
   for (int64_t v = tid; v < nvec; v += nt) {
@@ -372,8 +374,10 @@ __device__ __forceinline__ void contiguous_row(const CEParams<scalar_t, acc_t>& 
     acc_t xs[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) xs[i] = softcap_of(static_cast<acc_t>(xv.val[i]), p.softcap);
+    const acc_t m_old = st.lse.m;
     lse_update_chunk(st.lse, xs);
     if (need_sums) {
+      st.rebase(m_old);
       acc_t tv[VEC];
       load_t_vec(c0, tv);
 #pragma unroll
@@ -382,8 +386,12 @@ __device__ __forceinline__ void contiguous_row(const CEParams<scalar_t, acc_t>& 
   }
   for (int64_t c = tail + tid; c < C; c += nt) {
     const acc_t xs = softcap_of(static_cast<acc_t>(xrow[c]), p.softcap);
+    const acc_t m_old = st.lse.m;
     st.lse.update(xs);
-    if (need_sums) pass1_sums<PROB>(st, p, c, xs, load_t(c));
+    if (need_sums) {
+      st.rebase(m_old);
+      pass1_sums<PROB>(st, p, c, xs, load_t(c));
+    }
   }
 
   if constexpr (BLOCK) {
@@ -485,8 +493,8 @@ template <typename acc_t>
 struct StridedShared {
   acc_t m[kStridedKernelThreads];
   acc_t s[kStridedKernelThreads];
+  acc_t o[kStridedKernelThreads];
   acc_t a[kStridedKernelThreads];
-  acc_t b[kStridedKernelThreads];
 };
 
 template <typename scalar_t, typename acc_t, bool PROB>
@@ -519,8 +527,10 @@ __global__ void __launch_bounds__(kStridedKernelThreads)
       const bool need_sums = PROB || p.ls > acc_t(0);
       for (int64_t c = ty; c < C; c += TY) {
         const acc_t xs = softcap_of(static_cast<acc_t>(xrow[c * p.xC]), p.softcap);
+        const acc_t m_old = st.lse.m;
         st.lse.update(xs);
         if (need_sums) {
+          st.rebase(m_old);
           acc_t tv = acc_t(0);
           if constexpr (PROB) tv = static_cast<acc_t>(trow[c * p.tC]);
           pass1_sums<PROB>(st, p, c, xs, tv);
@@ -530,19 +540,19 @@ __global__ void __launch_bounds__(kStridedKernelThreads)
     const int idx = ty * TX + tx;
     part.m[idx] = st.lse.m;
     part.s[idx] = st.lse.s;
+    part.o[idx] = st.omega;
     part.a[idx] = st.a;
-    part.b[idx] = st.b;
     __syncthreads();  // also orders every pass-1 read (x[y]) before any pass-2 write
     if (ty == 0) {
       RowState<acc_t> tot;
       for (int k = 0; k < TY; ++k) {
         const int j = k * TX + tx;
-        tot.merge(part.m[j], part.s[j], part.a[j], part.b[j]);
+        tot.merge(part.m[j], part.s[j], part.o[j], part.a[j]);
       }
       total.m[tx] = tot.lse.m;
       total.s[tx] = tot.lse.s;
+      total.o[tx] = tot.omega;
       total.a[tx] = tot.a;
-      total.b[tx] = tot.b;
     }
     // Partials are reused by the next tile only after this barrier; totals are rewritten only
     // after the next tile's first barrier, which every thread reaches after reading them below.
@@ -550,8 +560,8 @@ __global__ void __launch_bounds__(kStridedKernelThreads)
     if (!active) continue;
     st.lse.m = total.m[tx];
     st.lse.s = total.s[tx];
+    st.omega = total.o[tx];
     st.a = total.a[tx];
-    st.b = total.b[tx];
     const RowCoef<acc_t> rc = row_coef<PROB>(st, ti, p.w != nullptr, p.ls, p.z, C, scale);
     if (ty == 0) {
       p.loss[r] = rc.loss;
@@ -578,6 +588,13 @@ __global__ void __launch_bounds__(kStridedKernelThreads)
 // scale_grad_ kernels. With a scalar upstream gradient every block reads it first and returns
 // when it is 1, before touching grad.
 
+// g == 0 stays 0: a NaN / inf upstream gradient must not reach ignored rows (torch gives 0).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t scale_keep_zero(scalar_t g, acc_t s) {
+  const acc_t v = static_cast<acc_t>(g);
+  return static_cast<scalar_t>(v == acc_t(0) ? acc_t(0) : v * s);
+}
+
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kScaleThreads)
     scale_flat_kernel(scalar_t* g, int64_t numel, const acc_t* sp) {
@@ -589,16 +606,16 @@ __global__ void __launch_bounds__(kScaleThreads)
   const int64_t tail = head + nvec * VEC;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nt = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  if (tid < head) g[tid] = static_cast<scalar_t>(static_cast<acc_t>(g[tid]) * s);
+  if (tid < head) g[tid] = scale_keep_zero<scalar_t>(g[tid], s);
   for (int64_t v = tid; v < nvec; v += nt) {
     Vec* ptr = reinterpret_cast<Vec*>(g + head + v * VEC);
     Vec val = *ptr;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) val.val[i] = static_cast<scalar_t>(static_cast<acc_t>(val.val[i]) * s);
+    for (int i = 0; i < VEC; ++i) val.val[i] = scale_keep_zero<scalar_t>(val.val[i], s);
     *ptr = val;
   }
   for (int64_t i = tail + tid; i < numel; i += nt) {
-    g[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * s);
+    g[i] = scale_keep_zero<scalar_t>(g[i], s);
   }
 }
 
@@ -627,7 +644,7 @@ __global__ void __launch_bounds__(kScaleThreads)
     if constexpr (!SCALAR) f = gl[static_cast<int64_t>(n) * lN + static_cast<int64_t>(d) * lD];
     scalar_t* ptr = g + static_cast<int64_t>(n) * gN + static_cast<int64_t>(c) * gC +
                     static_cast<int64_t>(d) * gD;
-    *ptr = static_cast<scalar_t>(static_cast<acc_t>(*ptr) * f);
+    *ptr = scale_keep_zero<scalar_t>(*ptr, f);
   }
 }
 
