@@ -29,7 +29,8 @@ def _on(device, *tensors):
 
 def _loss_and_grad(fn, x, t, upstream=None, **kw):
     x = x.detach().clone().requires_grad_(True)
-    loss = fn(x, t, **kw)
+    # logits from an op, not the leaf itself: in-place writes into a leaf are refused
+    loss = fn(x * 1 if kw.get("inplace_backward") else x, t, **kw)
     loss.backward(torch.ones_like(loss) if upstream is None else upstream)
     return loss.detach(), x.grad
 
