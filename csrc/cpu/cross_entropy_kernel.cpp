@@ -244,16 +244,34 @@ constexpr int64_t kChunk = 2048;
 // pass 1's chunk k, the last entry the whole row. Lane l holds the columns c with c % VS == l.
 template <typename A>
 std::vector<A> lane_weights(int64_t C, const A* w) {
-  constexpr int64_t VS = Vectorized<A>::size(), P = 2 * VS;
+  using V = Vectorized<A>;
+  constexpr int64_t VS = V::size(), P = 2 * VS;
   const int64_t Cf = C - C % P;
-  std::vector<A> t, acc(VS, A(0));
-  auto add = [&](int64_t c0, int64_t c1) {
-    t.insert(t.end(), acc.begin(), acc.end());
-    for (int64_t c = c0; c < c1; ++c) acc[c % VS] += w ? w[c] : A(1);
+  std::vector<A> t;
+  t.reserve(((C + kChunk - 1) / kChunk + 2) * VS);
+  V acc(0);
+  auto emit = [&]() {
+    const size_t k = t.size();
+    t.resize(k + VS);
+    acc.store(t.data() + k);
   };
-  for (int64_t c0 = 0; c0 < Cf; c0 += kChunk) add(c0, std::min(c0 + kChunk, Cf));
-  if (Cf < C) add(Cf, C);
-  t.insert(t.end(), acc.begin(), acc.end());
+  for (int64_t c0 = 0; c0 < Cf; c0 += kChunk) {
+    const int64_t c1 = std::min(c0 + kChunk, Cf);
+    emit();
+    if (w) {
+      for (int64_t c = c0; c < c1; c += VS) acc = acc + V::loadu(w + c);
+    } else {
+      acc = acc + V(A((c1 - c0) / VS));
+    }
+  }
+  if (Cf < C) {  // the tail: fewer than P columns
+    emit();
+    alignas(64) A buf[VS];
+    acc.store(buf);
+    for (int64_t c = Cf; c < C; ++c) buf[c % VS] += w ? w[c] : A(1);
+    acc = V::loadu(buf);
+  }
+  emit();  // the whole row
   return t;
 }
 
