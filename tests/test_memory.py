@@ -158,3 +158,25 @@ def test_gradient_buffer_huge_pages():
     if mode == "madvise":  # only the advice makes huge pages
         grad, control = _huge_kib({"FUSEDLOSS_CPU_HUGEPAGES": "0"})
         assert grad == 0
+
+
+def test_cpu_gradient_buffer_reuse_is_never_observable():
+    """The CPU kernel hands the last call's gradient buffer out again only when nothing else holds
+    it (FUSEDLOSS_CPU_GRAD_BUFFER=reuse, the default): a gradient still referenced is never
+    overwritten by the next call."""
+    if not fusedloss.backends()["cpu"]["available"]:
+        pytest.skip("no CPU kernels")
+    import torch
+    op = torch.ops.fusedloss_C.cross_entropy_fwd
+    x = torch.randn(64, 32768, 1)  # an 8 MiB gradient: above the 4 MiB threshold
+    t = torch.randint(0, 32768, (64, 1))
+    g1 = op(x, t, None, None, -100, 0.0, 0.0, 0.0, True)[2]
+    kept = g1.clone()
+    g2 = op(x * 2, t, None, None, -100, 0.0, 0.0, 0.0, True)[2]  # g1 still held: a new buffer
+    assert g2.data_ptr() != g1.data_ptr()
+    torch.testing.assert_close(g1, kept, rtol=0, atol=0)
+    ptr = g2.data_ptr()
+    del g1, g2
+    g3 = op(x, t, None, None, -100, 0.0, 0.0, 0.0, True)[2]  # g2 released: its buffer again
+    assert g3.data_ptr() == ptr
+    torch.testing.assert_close(g3, kept, rtol=0, atol=0)

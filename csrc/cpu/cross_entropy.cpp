@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -52,6 +53,49 @@ void advise_huge_pages(const Tensor& t) {
 #else
   (void)t;
 #endif
+}
+
+// How a new gradient buffer is obtained (FUSEDLOSS_CPU_GRAD_BUFFER, read once):
+//  - "reuse" (default): the previous call's gradient buffer is handed out again when nothing but
+//    this cache still holds it (the training step that used it has finished with it) and it has
+//    the same shape and dtype; otherwise a fresh one is allocated and cached. glibc returns a
+//    large freed buffer to the OS at once, so a fresh one page-faults in anew on every call (about
+//    as much time as the kernel, and far more in a process whose memory is fragmented); torch's
+//    CPU allocator has no cache. Costs one gradient's worth of memory held between calls.
+//  - "fresh": always a new buffer (advised to huge pages unless FUSEDLOSS_CPU_HUGEPAGES=0).
+// Buffers below 4 MiB always come fresh: glibc serves those from its heap without faults.
+enum class GradBuffer { kReuse, kFresh };
+
+GradBuffer grad_buffer_mode() {
+  static const GradBuffer mode = [] {
+    const char* v = std::getenv("FUSEDLOSS_CPU_GRAD_BUFFER");
+    return v != nullptr && std::string(v) == "fresh" ? GradBuffer::kFresh : GradBuffer::kReuse;
+  }();
+  return mode;
+}
+
+Tensor new_grad_buffer(int64_t N, int64_t C, int64_t D, const at::TensorOptions& opts) {
+  constexpr int64_t kMinBytes = int64_t(4) << 20;
+  const int64_t nbytes = N * C * D * static_cast<int64_t>(c10::elementSize(
+      c10::typeMetaToScalarType(opts.dtype())));
+  if (grad_buffer_mode() == GradBuffer::kFresh || nbytes < kMinBytes) {
+    Tensor g = at::empty({N, C, D}, opts);
+    advise_huge_pages(g);
+    return g;
+  }
+  static std::mutex mu;
+  static Tensor& cached = *new Tensor();  // never destroyed: no teardown order at exit
+  std::lock_guard<std::mutex> lock(mu);
+  // use_count 1 on both the tensor and its storage: no other tensor, view or autograd buffer
+  // refers to the memory, so handing it out again cannot be observed.
+  if (cached.defined() && cached.use_count() == 1 && cached.storage().use_count() == 1 &&
+      cached.dtype() == opts.dtype() && cached.sizes() == at::IntArrayRef({N, C, D})) {
+    return at::alias(cached);  // a new tensor on the same storage, no autograd state carried
+  }
+  cached = Tensor();  // release the old one first: never two cached buffers at once
+  cached = at::empty({N, C, D}, opts);
+  advise_huge_pages(cached);
+  return at::alias(cached);
 }
 
 // Tensors kept alive (contiguous copies) for the duration of a kernel call.
@@ -179,8 +223,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd_cpu(
   Tensor lse = at::empty({p.args.N, p.args.D}, acc);
   Tensor grad;
   if (compute_grad) {
-    grad = at::empty({p.args.N, p.args.C, p.args.D}, input.options());
-    advise_huge_pages(grad);
+    grad = new_grad_buffer(p.args.N, p.args.C, p.args.D, input.options());
     set_grad(p.args, grad);
   } else {
     grad = at::empty({0}, input.options());
