@@ -123,21 +123,27 @@ def probe(spec: dict) -> dict:
     return {"env": env, "available": avail, "machine": machine}
 
 
-def run(spec: dict) -> None:
+def _job(spec: dict):
+    """What every run job starts with: threads, the case, its loss module, options and inputs."""
     import torch
 
     from bench import _harness as H
 
     device = spec["device"]
-    out_path = spec["result_path"]
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     case = H.Case.from_json(spec["case"])
     mod = H.module_for_loss(case.loss)
-    opts = dict(spec.get("opts", {}))
     inputs = mod.make_inputs(case, device, seed=int(spec.get("seed", 0)))
     if device == "cuda":
         torch.cuda.synchronize()
+    return H, device, spec["result_path"], case, mod, dict(spec.get("opts", {})), inputs
+
+
+def run(spec: dict) -> None:
+    import torch
+
+    H, device, out_path, case, mod, opts, inputs = _job(spec)
     target_path = os.path.join(spec["cache_dir"], f"{case.name}.target.pt")
     target_meta_path = target_path + ".json"
     shared = len(spec["providers"]) > 1
@@ -190,18 +196,7 @@ def run_interleaved(spec: dict) -> None:
     import statistics
     import time
 
-    import torch
-
-    from bench import _harness as H
-
-    device = spec["device"]
-    out_path = spec["result_path"]
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
-    case = H.Case.from_json(spec["case"])
-    mod = H.module_for_loss(case.loss)
-    opts = dict(spec.get("opts", {}))
-    inputs = mod.make_inputs(case, device, seed=int(spec.get("seed", 0)))
+    H, device, out_path, case, mod, opts, inputs = _job(spec)
     sync = H.sync_fn(device)
     target_path = os.path.join(spec["cache_dir"], f"{case.name}.target.pt")
     target_meta_path = target_path + ".json"
@@ -240,8 +235,8 @@ def run_interleaved(spec: dict) -> None:
 
     # Calibrate inner counts on a second, warm call (the first includes compiles).
     for p, r in runners.items():
-        if inner[p] == 1:
-            continue  # not a sub-millisecond step
+        if inner[p] == 1 and res[p]["warmup_s"] > 0.05:
+            continue  # a slow step, even counting first-call costs: timed one at a time
         t0 = time.perf_counter()
         r.setup()
         sync()
