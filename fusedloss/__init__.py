@@ -26,10 +26,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fusedloss' has no attribute {name!r}")
 
 
-def backends() -> dict[str, dict[str, object]]:
-    """Each backend ('triton', 'cuda', 'cpu', 'reference'): whether it can run here, and why.
+def backends(op: str = "cross_entropy") -> dict[str, dict[str, object]]:
+    """Each backend ('triton', 'cuda', 'cpu', 'reference'): whether it can run ``op`` here (a loss
+    name such as ``"cross_entropy"`` or ``"linear_cross_entropy"``), and why.
 
     >>> fusedloss.backends()["cpu"]
     {'available': True, 'why': 'fusedloss._C CPU kernels (AVX512)'}
     """
-    return {name: {"available": ok, "why": why} for name, (ok, why) in _status().items()}
+    return {name: {"available": ok, "why": why} for name, (ok, why) in _status(op).items()}

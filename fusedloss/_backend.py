@@ -34,25 +34,40 @@ def _triton_status() -> tuple[bool, str]:
     return False, "no CUDA device (set TRITON_INTERPRET=1 before importing fusedloss to interpret)"
 
 
-def status() -> dict[str, tuple[bool, str]]:
-    """(available, why) for every backend, as ``fusedloss.backends()`` reports it."""
-    out = {"triton": _triton_status()}
+# What each backend needs for an op family to run there: the fusedloss_C kernel that the cpu and
+# cuda backends call, and the module of fusedloss.kernels that holds the Triton launchers. A loss
+# adds its line here (docs/ADDING_A_LOSS.md).
+OPS = {
+    "cross_entropy": ("cross_entropy_fwd", "cross_entropy"),
+    "linear_cross_entropy": ("cross_entropy_fwd_inplace", "cross_entropy"),
+    "scale_grad": ("scale_grad_", "scale_grad"),
+}
+
+
+def status(op: str = "cross_entropy") -> dict[str, tuple[bool, str]]:
+    """(available, why) for every backend for ``op`` (a key of OPS), as ``fusedloss.backends()``
+    reports it."""
+    c_op, triton_module = OPS[op]
+    ok, why = _triton_status()
+    if ok and importlib.util.find_spec(f"fusedloss.kernels.{triton_module}") is None:
+        ok, why = False, f"no Triton kernels for {op} (fusedloss.kernels.{triton_module})"
+    out = {"triton": (ok, why)}
     if not _ext.available():
         out["cuda"] = (False, _ext.error or "fusedloss._C is not built")
         out["cpu"] = (False, _ext.error or "fusedloss._C is not built")
     else:
-        if not _ext.has_kernel("cross_entropy_fwd", "CUDA"):
-            out["cuda"] = (False, "fusedloss._C was built without CUDA sources "
-                           "(needs a CUDA build of torch and CUDA_HOME at build time)")
+        if not _ext.has_kernel(c_op, "CUDA"):
+            out["cuda"] = (False, f"fusedloss._C has no CUDA kernel for {op} (it needs a CUDA "
+                           "build of torch and CUDA_HOME at build time)")
         elif not torch.cuda.is_available():
             out["cuda"] = (False, "fusedloss._C has CUDA kernels but no CUDA device is available")
         else:
             out["cuda"] = (True, "fusedloss._C CUDA kernels")
-        if _ext.has_kernel("cross_entropy_fwd", "CPU"):
+        if _ext.has_kernel(c_op, "CPU"):
             cap = torch.backends.cpu.get_cpu_capability()
             out["cpu"] = (True, f"fusedloss._C CPU kernels ({cap})")
         else:
-            out["cpu"] = (False, "fusedloss._C has no CPU kernels")
+            out["cpu"] = (False, f"fusedloss._C has no CPU kernel for {op}")
     out["reference"] = (True, "pure PyTorch (fusedloss.reference); slow, for checking")
     return out
 
@@ -67,11 +82,21 @@ def _warn_fallback(why: str) -> None:
         warnings.warn(f"fusedloss: using the slow reference implementation: {why}", stacklevel=4)
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The backend that runs a call on ``device``; raises RuntimeError if it cannot run."""
+def resolve(backend: str, device: torch.device, op: str = "cross_entropy") -> str:
+    """The backend that runs ``op`` (a key of OPS) on ``device``; raises RuntimeError if an
+    explicitly named backend cannot run it."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    return _resolve(backend, device.type)
+    return _resolve(backend, device.type, op)
+
+
+def resolve_for(backend: str, tensor: torch.Tensor, op: str = "cross_entropy") -> str:
+    """:func:`resolve` for ``tensor``'s device, the per-call path of every loss: the CPU case
+    without building a torch.device (``tensor.device.type`` costs more than the rest of the
+    lookup)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    return _resolve(backend, "cpu" if tensor.is_cpu else tensor.device.type, op)
 
 
 def _constant_result(fn):
@@ -85,11 +110,11 @@ def _constant_result(fn):
 # first call for each device type), so under torch.compile it is evaluated once while tracing and
 # becomes a constant (no graph break on the dispatcher queries). Cached: it runs on every call.
 @_constant_result
-def _resolve(backend: str, device_type: str) -> str:
-    key = (backend, device_type)
+def _resolve(backend: str, device_type: str, op: str) -> str:
+    key = (backend, device_type, op)
     name = _resolved.get(key)
     if name is None:
-        name = _resolved[key] = _resolve_uncached(backend, device_type)
+        name = _resolved[key] = _resolve_uncached(backend, device_type, op)
     return name
 
 
@@ -101,13 +126,13 @@ def reset() -> None:
 _resolved: dict[tuple, str] = {}
 
 
-def _resolve_uncached(backend: str, device_type: str) -> str:
+def _resolve_uncached(backend: str, device_type: str, op: str) -> str:
     if backend == "auto":
         backend = os.environ.get("FUSEDLOSS_BACKEND", "auto") or "auto"
     if backend not in BACKENDS and backend != "auto":
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; "
                          f"got {backend!r}")
-    st = status()
+    st = status(op)
     if backend == "auto":
         if device_type == "cuda":
             for name in ("triton", "cuda"):
@@ -123,7 +148,7 @@ def _resolve_uncached(backend: str, device_type: str) -> str:
         return "reference"
     ok, why = st[backend]
     if not ok:
-        raise RuntimeError(f"fusedloss: backend {backend!r} is not available: {why}")
+        raise RuntimeError(f"fusedloss: backend {backend!r} is not available for {op}: {why}")
     if backend == "cpu" and device_type != "cpu":
         raise RuntimeError(f"fusedloss: backend 'cpu' needs CPU tensors, "
                            f"got a {device_type} tensor")
@@ -137,8 +162,9 @@ def _resolve_uncached(backend: str, device_type: str) -> str:
     return backend
 
 
-def kernels(loss: str, backend: str):
-    """The module-like object holding ``loss``'s kernel functions for a fused backend."""
+def kernels(op: str, backend: str):
+    """The module-like object holding ``op``'s kernel functions (a key of OPS) for a fused
+    backend: its Triton module, or ``torch.ops.fusedloss_C``."""
     if backend == "triton":
-        return importlib.import_module(f"fusedloss.kernels.{loss}")
+        return importlib.import_module(f"fusedloss.kernels.{OPS[op][1]}")
     return torch.ops.fusedloss_C  # cpu and cuda: the dispatcher picks the device kernel

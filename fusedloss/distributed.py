@@ -34,14 +34,15 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _backend
-from .reference import (
-    _check_float_tensor,
-    _check_int,
-    _check_label_smoothing,
-    _check_reduction,
-    _check_same_device,
-    _check_tensor,
-    _check_z_loss,
+from ._checks import (
+    acc_dtype,
+    check_float_tensor,
+    check_int,
+    check_label_smoothing,
+    check_reduction,
+    check_same_device,
+    check_tensor,
+    check_z_loss,
 )
 
 __all__ = ["vocab_parallel_cross_entropy"]
@@ -100,9 +101,9 @@ def vocab_parallel_cross_entropy(
     logsumexp runs through the fused kernel of the backend that ``backend="auto"`` picks for the
     input's device (``torch.logsumexp`` when that is the reference).
     """
-    _check_float_tensor(input, "input")
-    _check_tensor(target, "target")
-    _check_same_device(target, "target", input)
+    check_float_tensor(input, "input")
+    check_tensor(target, "target")
+    check_same_device(target, "target", input)
     if input.dim() != 2:
         raise ValueError(f"input must have shape (N, V_local), got shape {tuple(input.shape)}")
     if target.dtype != torch.int64:
@@ -111,10 +112,10 @@ def vocab_parallel_cross_entropy(
     if target.dim() != 1 or target.shape[0] != input.shape[0]:
         raise ValueError(f"target must have shape ({input.shape[0]},) for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
-    ignore_index = _check_int(ignore_index, "ignore_index")
-    _check_reduction(reduction)
-    label_smoothing = _check_label_smoothing(label_smoothing)
-    z_loss = _check_z_loss(z_loss)
+    ignore_index = check_int(ignore_index, "ignore_index")
+    check_reduction(reduction)
+    label_smoothing = check_label_smoothing(label_smoothing)
+    z_loss = check_z_loss(z_loss)
     if not dist.is_available():
         raise RuntimeError("vocab_parallel_cross_entropy needs torch.distributed, which this "
                            "build of torch lacks")
@@ -138,10 +139,6 @@ def vocab_parallel_cross_entropy(
     if reduction == "mean":
         out = out / valid.sum(dtype=out.dtype)  # 0 / 0 = NaN when every row is ignored
     return out.to(input.dtype)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _local_lse(input: Tensor, backend: str, acc: torch.dtype) -> Tensor:
@@ -175,7 +172,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, group, ignore_index, label_smoothing, z_loss, backend):
         n, v_local = input.shape
-        acc = _acc_dtype(input.dtype)
+        acc = acc_dtype(input.dtype)
         dev = input.device
         rank = dist.get_rank(group)
         world = dist.get_world_size(group)

@@ -13,18 +13,63 @@ from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
 from . import _backend, reference
+from . import _checks as C
 from .ops import cross_entropy as _ce_ops
 from .ops import linear_cross_entropy as _lce_ops
-from .reference import (
-    _check_cross_entropy_args,
-    _check_inplace_backward,
-    _check_linear_cross_entropy_args,
-    _cross_entropy_dtype,
-)
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # csrc/registration.cpp's cross_entropy_loss
+
+
+def _fused_backend(op: str, backend: str, input: Tensor, *others: Optional[Tensor]):
+    """The fused backend that runs this call of ``op``, or None when the reference must: asked for
+    (``backend="reference"``, or the automatic fallback without a fused kernel), or forward-mode
+    AD / a torch.func transform active on ``input`` or ``others`` (the fused kernels have no
+    derivative rules for those; the reference's plain torch ops have them all). Every loss starts
+    with its argument checks (``fusedloss._checks``) and then this."""
+    name = _backend.resolve_for(backend, input, op)
+    if name == "reference":
+        return None
+    # _forward_ad_active, inlined for the common case (no dual level, no transform): per-call cost
+    if _forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
+        if _forward_ad_active(input, *others):
+            return None
+    return name
+
+
+_C_OPS: dict[str, object] = {}
+
+
+def _c_op(name: str):
+    """``torch.ops.fusedloss_C.<name>.default``, looked up once: calling the overload directly
+    skips the overload packet's per-call schema matching (about 1 us, at small shapes 5% of a
+    fused step)."""
+    op = _C_OPS.get(name)
+    if op is None:
+        op = _C_OPS[name] = getattr(torch.ops.fusedloss_C, name).default
+    return op
+
+
+def _eager_c_op(name: str) -> bool:
+    """The cpu and cuda backends outside torch.compile run a loss as one fusedloss_C call, autograd
+    included (csrc/autograd/): at small shapes the per-call cost of Python pieces is more than the
+    kernel. torch.compile and the triton backend trace or call the Python custom ops instead."""
+    return name != "triton" and not torch.compiler.is_compiling()
+
+
+def _reduce_rows(loss: Tensor, reduction: str, out_shape, mean_factor: Optional[Tensor],
+                 count: int, dtype: torch.dtype) -> Tensor:
+    """The reduction of per-row losses that the kernels already multiplied by ``mean_factor``
+    ('mean'): 'none' reshapes, 'sum' and 'mean' sum (torch's NaN for the 'mean' of ``count == 0``
+    rows); then the loss dtype."""
+    if reduction == "none":
+        loss = loss.reshape(out_shape)
+    else:
+        loss = loss.sum()
+        if reduction == "mean" and count == 0:
+            loss = _empty_mean(loss, mean_factor)
+    return loss if loss.dtype == dtype else loss.to(dtype)
 
 
 def cross_entropy(
@@ -57,13 +102,13 @@ def cross_entropy(
     by the upstream gradient (skipped when it is 1). Loss is returned in input's dtype; all math
     is float32 (float64 for float64 input).
     """
-    prob = _check_cross_entropy_args(input, target, weight, ignore_index, reduction,
-                                     label_smoothing, z_loss, softcap)
+    prob = C.cross_entropy_args(input, target, weight, ignore_index, reduction, label_smoothing,
+                                z_loss, softcap)
     needs_grad = input.requires_grad and torch.is_grad_enabled()
     if inplace_backward and needs_grad:
-        _check_inplace_backward(input)
-    name = _backend.resolve(backend, input.device)
-    if name == "reference" or _forward_ad_active(input):
+        C.check_inplace_backward(input)
+    name = _fused_backend("cross_entropy", backend, input)
+    if name is None:
         # Forward-mode AD and torch.func transforms need derivative rules the fused kernels do not
         # have: the reference computes the same loss with plain torch ops, which support them all.
         return reference.cross_entropy(input, target, weight, ignore_index, reduction,
@@ -73,14 +118,13 @@ def cross_entropy(
         raise NotImplementedError("fusedloss.cross_entropy: a gradient with respect to "
                                   "probability targets is not supported; detach target or use "
                                   "backend='reference'")
-    out_dtype = _cross_entropy_dtype(input, target, prob)
+    out_dtype = C.cross_entropy_dtype(input, target, prob)
     cap = 0.0 if softcap is None else float(softcap)
-    if name != "triton" and not torch.compiler.is_compiling():
-        # cpu and cuda, eager: the whole call, autograd included, in one C++ op (per-call cost;
-        # csrc/autograd/cross_entropy.cpp). The rest of this function is the same computation
-        # from Python pieces, for torch.compile and the triton backend.
-        op = (torch.ops.fusedloss_C.cross_entropy_loss_inplace if needs_grad and inplace_backward
-              else torch.ops.fusedloss_C.cross_entropy_loss)
+    if _eager_c_op(name):
+        # The whole call in csrc/autograd/cross_entropy.cpp; the rest of this function is the same
+        # computation from Python pieces, for torch.compile and the triton backend.
+        op = _c_op("cross_entropy_loss_inplace" if needs_grad and inplace_backward
+                   else "cross_entropy_loss")
         loss, lse = op(input, target, weight, ignore_index, _REDUCTIONS[reduction],
                        float(label_smoothing), float(z_loss), cap, out_dtype)
         return (loss, lse) if return_lse else loss
@@ -101,11 +145,11 @@ def cross_entropy(
             tgt = tgt.to(torch.int64, memory_format=torch.contiguous_format)
     w = None if weight is None else weight.to(acc).contiguous()
 
-    grad_scale = None
+    mean_factor = None
     if reduction == "mean":
-        grad_scale = _mean_scale(tgt, w, ignore_index, n * d, c, prob, acc, name)
+        mean_factor = _mean_factor(tgt, w, ignore_index, n * d, c, prob, acc, name)
 
-    args = (tgt, w, grad_scale, ignore_index, float(label_smoothing), float(z_loss), cap, name)
+    args = (tgt, w, mean_factor, ignore_index, float(label_smoothing), float(z_loss), cap, name)
     if needs_grad and inplace_backward:
         loss, lse = _ce_ops.CrossEntropyInplace.apply(x, *args)
     elif torch.compiler.is_compiling():
@@ -117,14 +161,7 @@ def cross_entropy(
             x, *args[:-1], False)
 
     out_shape = () if unbatched else (n,) + spatial
-    if reduction == "none":
-        loss = loss.reshape(out_shape)
-    else:
-        loss = loss.sum()  # 'mean' rows already carry 1/sum(w_y)
-        if reduction == "mean" and n * d == 0:
-            loss = _empty_mean(loss, grad_scale)
-    if loss.dtype != out_dtype:
-        loss = loss.to(out_dtype)
+    loss = _reduce_rows(loss, reduction, out_shape, mean_factor, n * d, out_dtype)
     if return_lse:
         return loss, lse.reshape(out_shape)
     return loss
@@ -155,14 +192,14 @@ def linear_cross_entropy(
     ``linear_weight`` and ``linear_bias``; half-precision weight gradients accumulate in float32
     and are cast once at the end. Other arguments as in :func:`cross_entropy`.
     """
-    prob = _check_linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight,
-                                            reduction, chunk_size)
+    prob = C.linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight,
+                                       reduction, chunk_size)
     # cross_entropy's own arguments, checked on an empty stand-in of the logits
-    _check_cross_entropy_args(input.new_empty(0, linear_weight.shape[0]),
-                              torch.empty(0, dtype=torch.int64, device=input.device), weight,
-                              ignore_index, reduction, label_smoothing, z_loss, softcap)
-    name = _backend.resolve(backend, input.device)
-    if name == "reference" or _forward_ad_active(input) or _forward_ad_active(linear_weight):
+    C.cross_entropy_args(input.new_empty(0, linear_weight.shape[0]),
+                         torch.empty(0, dtype=torch.int64, device=input.device), weight,
+                         ignore_index, reduction, label_smoothing, z_loss, softcap)
+    name = _fused_backend("linear_cross_entropy", backend, input, linear_weight, linear_bias)
+    if name is None:
         return reference.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight,
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
@@ -180,35 +217,32 @@ def linear_cross_entropy(
     if chunk_size is None:
         budget = linear_weight.numel() * linear_weight.element_size()
         chunk_size = max(1, budget // max(1, v * input.element_size()))
-    grad_scale = (_mean_scale(t, w, ignore_index, n, v, False, acc, name)
-                  if reduction == "mean" else None)
+    mean_factor = (_mean_factor(t, w, ignore_index, n, v, False, acc, name)
+                   if reduction == "mean" else None)
     needs_grad = torch.is_grad_enabled() and any(
         a is not None and a.requires_grad for a in (input, linear_weight, linear_bias))
     # 'none' gets a different upstream gradient per token: its backward recomputes.
     compute_grad = needs_grad and reduction != "none"
     loss, _, _, _, _ = _lce_ops.linear_cross_entropy_fwd(
-        x, linear_weight, linear_bias, t, w, grad_scale, ignore_index, float(label_smoothing),
+        x, linear_weight, linear_bias, t, w, mean_factor, ignore_index, float(label_smoothing),
         float(z_loss), 0.0 if softcap is None else float(softcap), int(chunk_size), compute_grad,
         name)
-    if reduction == "none":
-        return loss.reshape(batch_shape).to(input.dtype)
-    out = loss.sum()
-    if reduction == "mean" and n == 0:
-        out = _empty_mean(out, grad_scale)
-    return out.to(input.dtype)
+    return _reduce_rows(loss, reduction, batch_shape, mean_factor, n, input.dtype)
 
 
-def _empty_mean(total: Tensor, grad_scale: Tensor) -> Tensor:
+def _empty_mean(total: Tensor, mean_factor: Tensor) -> Tensor:
     """torch's NaN for the 'mean' of an empty batch (0 * 1/0), with the gradients of the empty
     sum (zeros, as torch's: a weight gradient must not become NaN)."""
-    return total + (total * grad_scale).detach()
+    return total + (total * mean_factor).detach()
 
 
-def _forward_ad_active(input: Tensor) -> bool:
+def _forward_ad_active(*tensors: Optional[Tensor]) -> bool:
     """Forward-mode AD (a dual tensor) or a torch.func transform (jvp, vmap, grad) is active."""
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return True
-    return _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(input).tangent is not None
+    if _forward_ad._current_level < 0:  # no dual level entered: the common case, one compare
+        return False
+    return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _numel(shape) -> int:
@@ -218,17 +252,18 @@ def _numel(shape) -> int:
     return out
 
 
-def _mean_scale(target: Tensor, weight: Optional[Tensor], ignore_index: int, rows: int,
-                n_classes: int, prob: bool, acc: torch.dtype, backend: str) -> Tensor:
-    """1 / (the 'mean' denominator) as a 0-d tensor, computed on the device (no host sync):
+def _mean_factor(target: Tensor, weight: Optional[Tensor], ignore_index: int, rows: int,
+                 n_classes: int, prob: bool, acc: torch.dtype, backend: str) -> Tensor:
+    """The 'mean' factor, 1 / (the 'mean' denominator), as a 0-d tensor computed on the device
+    (no host sync); the kernels multiply every row's loss and gradient by it:
     the row count for probability targets, else the sum of w[y] over non-ignored rows (0 when
     all are ignored, giving torch's NaN)."""
     if prob:
         return torch.full((), 1.0 / rows if rows else float("inf"), dtype=acc,
                           device=target.device)
-    if backend != "triton" and not torch.compiler.is_compiling():
+    if _eager_c_op(backend):
         # fusedloss._C: one call instead of three small ops (it runs on every 'mean' loss)
-        return torch.ops.fusedloss_C.cross_entropy_mean_scale(target, weight, ignore_index, acc)
+        return _c_op("cross_entropy_mean_scale")(target, weight, ignore_index, acc)
     valid = target != ignore_index
     if weight is None:
         total = valid.sum(dtype=acc)

@@ -11,17 +11,18 @@ input (and ``weight`` etc. where they require grad) through autograd; every form
 that autograd gives finite gradients for finite inputs (``torch.where`` guards instead of
 ``0 * inf``).
 
-This module imports nothing from the rest of ``fusedloss`` so it can be loaded standalone. The
-``_check_*`` helpers at the top are the argument checks shared with ``fusedloss.functional``.
+Argument checks live in ``fusedloss._checks``, shared with the fast path (``fusedloss.functional``),
+so that both raise the same errors; this module imports nothing else from fusedloss.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
+
+from . import _checks as C
 
 __all__ = [
     "cross_entropy",
@@ -33,302 +34,8 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------
-# Shared argument checks (reused by fusedloss.functional)
-# ---------------------------------------------------------------------------------------------
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-REDUCTIONS = ("none", "mean", "sum")
-TV_NORMS = ("l1", "l2_squared", "isotropic")
-
-
-def _check_reduction(reduction, name="reduction"):
-    """Raise ValueError unless ``reduction`` is 'none', 'mean' or 'sum'."""
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"{name} must be one of 'none', 'mean', 'sum', got {reduction!r}")
-    return reduction
-
-
-def _check_tensor(x, name):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    return x
-
-
-def _check_float_tensor(x, name):
-    """TypeError unless ``x`` is a float16/bfloat16/float32/float64 tensor."""
-    _check_tensor(x, name)
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be a float16, bfloat16, float32 or float64 tensor, got dtype {x.dtype}"
-        )
-    return x
-
-
-def _check_same_device(x, name, ref, ref_name="input"):
-    if x.device != ref.device:
-        raise ValueError(
-            f"{name} must be on the same device as {ref_name}, got {x.device} and {ref.device}"
-        )
-    return x
-
-
-def _check_real(value, name, *, low=None, low_inclusive=True, high=None, high_inclusive=True):
-    """Check a Python real number (not bool, finite) against optional bounds; return it as float.
-
-    Under ``torch.compile(dynamic=True)`` a float argument arrives as a ``torch.SymFloat``: it is
-    checked with comparisons only (which trace as guards; ``math.isfinite`` does not trace)."""
-    if type(value) is float or type(value) is int:  # the common case, without abc checks
-        value = float(value)
-    elif isinstance(value, torch.SymFloat):
-        pass
-    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    else:
-        value = float(value)
-    if not (-math.inf < value < math.inf):  # also False for NaN
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value < low or (value == low and not low_inclusive)):
-        op = ">=" if low_inclusive else ">"
-        raise ValueError(f"{name} must be {op} {low}, got {value}")
-    if high is not None and (value > high or (value == high and not high_inclusive)):
-        op = "<=" if high_inclusive else "<"
-        raise ValueError(f"{name} must be {op} {high}, got {value}")
-    return value
-
-
-def _check_int(value, name):
-    if type(value) is int:
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return int(value)
-
-
-def _check_bool(value, name):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def _check_label_smoothing(label_smoothing):
-    return _check_real(label_smoothing, "label_smoothing", low=0.0, high=1.0)
-
-
-def _check_z_loss(z_loss):
-    return _check_real(z_loss, "z_loss", low=0.0)
-
-
-def _check_gamma(gamma):
-    return _check_real(gamma, "gamma", low=0.0)
-
-
-def _check_softcap(softcap):
-    """None, or a finite real number > 0."""
-    if softcap is None:
-        return None
-    return _check_real(softcap, "softcap", low=0.0, low_inclusive=False)
-
-
-def _check_chunk_size(chunk_size):
-    if chunk_size is None:
-        return None
-    chunk_size = _check_int(chunk_size, "chunk_size")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
-    return chunk_size
-
-
-def _check_class_weight(weight, num_classes, input, name="weight"):
-    """None, or a floating 1-D tensor of ``num_classes`` elements on input's device."""
-    if weight is None:
-        return None
-    _check_float_tensor(weight, name)
-    _check_same_device(weight, name, input)
-    if weight.dim() != 1 or weight.shape[0] != num_classes:
-        raise ValueError(
-            f"{name} must be a 1-D tensor with one value per class ({num_classes}), "
-            f"got shape {tuple(weight.shape)}"
-        )
-    return weight
-
-
-def _check_broadcast_weight(weight, input, name="weight"):
-    """None, or a floating tensor that broadcasts to input's shape (without enlarging it)."""
-    if weight is None:
-        return None
-    _check_float_tensor(weight, name)
-    _check_same_device(weight, name, input)
-    try:
-        shape = torch.broadcast_shapes(weight.shape, input.shape)
-    except RuntimeError:
-        shape = None
-    if shape != input.shape:
-        raise ValueError(
-            f"{name} of shape {tuple(weight.shape)} must be broadcastable to the input's shape "
-            f"{tuple(input.shape)}"
-        )
-    return weight
-
-
-def _check_cross_entropy_args(input, target, weight, ignore_index, reduction, label_smoothing,
-                              z_loss, softcap):
-    """Check cross_entropy's arguments; return True for class-probability targets.
-
-    Class-index targets: int64, shape ``(N, d1, ..., dk)`` for input ``(N, C, d1, ..., dk)``,
-    or 0-d for an unbatched input ``(C,)``. Class-probability targets: floating, input's shape.
-    """
-    # Runs on every call: the common values are recognised inline, the rest (and every error)
-    # goes through the full checks.
-    _check_float_tensor(input, "input")
-    _check_tensor(target, "target")
-    _check_same_device(target, "target", input)
-    shape = input.shape
-    if len(shape) == 0:
-        raise ValueError("input must have at least 1 dimension (C,) or (N, C, ...), "
-                         "got a 0-d tensor")
-    num_classes = shape[0] if len(shape) == 1 else shape[1]
-    if num_classes == 0:
-        raise ValueError(f"input must have at least one class, got shape {tuple(shape)}")
-    if reduction not in REDUCTIONS:
-        _check_reduction(reduction)
-    if type(ignore_index) is not int:
-        _check_int(ignore_index, "ignore_index")
-    if not (type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0):
-        _check_label_smoothing(label_smoothing)
-    if not (type(z_loss) is float and 0.0 <= z_loss < math.inf):
-        _check_z_loss(z_loss)
-    if softcap is not None:
-        _check_softcap(softcap)
-    if target.dtype.is_floating_point:
-        _check_float_tensor(target, "target")
-        if target.shape != input.shape:
-            raise ValueError(
-                "target with class probabilities (floating dtype) must have the input's shape "
-                f"{tuple(input.shape)}, got {tuple(target.shape)}"
-            )
-        probs = True
-    elif target.dtype in (torch.int64, torch.uint8):  # torch accepts Long or Byte
-        expected = shape[:0] if len(shape) == 1 else shape[:1] + shape[2:]
-        if target.shape != expected:
-            expected = tuple(expected)
-            raise ValueError(
-                f"target with class indices must have shape {expected} for input of shape "
-                f"{tuple(input.shape)}, got {tuple(target.shape)}"
-            )
-        probs = False
-    else:
-        raise TypeError(
-            "target must be int64 or uint8 (class indices) or floating (class probabilities), "
-            f"got dtype {target.dtype}"
-        )
-    if probs and ignore_index >= 0:  # torch: a negative ignore_index is accepted and unused
-        raise ValueError(f"ignore_index ({ignore_index}) is not supported for class-probability "
-                         "(floating) targets")
-    if weight is not None:
-        _check_class_weight(weight, num_classes, input)
-    return probs
-
-
-def _check_inplace_backward(input):
-    """inplace_backward writes the gradient into input's memory: refuse what torch refuses for an
-    in-place op (a leaf that requires grad, or a view of one) and memory where several elements
-    share one location (an expanded tensor), on every backend. For an input that requires grad."""
-    if input.is_leaf:
-        raise RuntimeError("fusedloss.cross_entropy(inplace_backward=True): input is a leaf "
-                           "tensor that requires grad; the gradient cannot overwrite it (torch "
-                           "forbids in-place ops on it). Pass logits produced by an op, or use "
-                           "inplace_backward=False")
-    if torch.compiler.is_compiling():
-        return  # views and memory overlap are not visible to the tracer; eager checks them
-    base = input._base if input._is_view() else None
-    if base is not None and base.is_leaf and base.requires_grad:
-        raise RuntimeError("fusedloss.cross_entropy(inplace_backward=True): input is a view of a "
-                           "leaf tensor that requires grad; the gradient cannot overwrite it "
-                           "(torch forbids in-place ops on it). Use inplace_backward=False")
-    if torch._debug_has_internal_overlap(input) == 1:
-        raise RuntimeError("fusedloss.cross_entropy(inplace_backward=True): input has elements "
-                           "that share one memory location (an expanded or otherwise "
-                           "overlapping tensor), so the gradient cannot be written into it. "
-                           "Pass input.contiguous() or use inplace_backward=False")
-
-
-def _check_linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight,
-                                     reduction, chunk_size):
-    """Check linear_cross_entropy's own arguments (the rest are cross_entropy's); return True
-    for class-probability targets."""
-    _check_float_tensor(input, "input")
-    _check_float_tensor(linear_weight, "linear_weight")
-    _check_tensor(target, "target")
-    _check_same_device(linear_weight, "linear_weight", input)
-    _check_same_device(target, "target", input)
-    if input.dim() < 1:
-        raise ValueError("input must have shape (..., H), got a 0-d tensor")
-    if linear_weight.dim() != 2:
-        raise ValueError(
-            f"linear_weight must have shape (V, H), got shape {tuple(linear_weight.shape)}"
-        )
-    if linear_weight.dtype != input.dtype:
-        raise TypeError(
-            f"linear_weight must have the input's dtype {input.dtype}, got {linear_weight.dtype}"
-        )
-    vocab, hidden = linear_weight.shape
-    if input.shape[-1] != hidden:
-        raise ValueError(
-            f"input's last dimension ({input.shape[-1]}) must equal linear_weight's second "
-            f"dimension ({hidden})"
-        )
-    if linear_bias is not None:
-        _check_float_tensor(linear_bias, "linear_bias")
-        _check_same_device(linear_bias, "linear_bias", input)
-        if linear_bias.dtype != input.dtype:
-            raise TypeError(
-                f"linear_bias must have the input's dtype {input.dtype}, got {linear_bias.dtype}"
-            )
-        if tuple(linear_bias.shape) != (vocab,):
-            raise ValueError(
-                f"linear_bias must have shape ({vocab},), got {tuple(linear_bias.shape)}"
-            )
-    batch_shape = tuple(input.shape[:-1])
-    if target.dtype.is_floating_point:
-        _check_float_tensor(target, "target")
-        if tuple(target.shape) != batch_shape + (vocab,):
-            raise ValueError(
-                f"target with class probabilities must have shape {batch_shape + (vocab,)}, "
-                f"got {tuple(target.shape)}"
-            )
-    elif target.dtype == torch.int64:
-        if tuple(target.shape) != batch_shape:
-            raise ValueError(
-                f"target with class indices must have shape {batch_shape} (input.shape[:-1]), "
-                f"got {tuple(target.shape)}"
-            )
-    else:
-        raise TypeError(
-            "target must be int64 (class indices) or floating (class probabilities), "
-            f"got dtype {target.dtype}"
-        )
-    _check_class_weight(weight, vocab, input)
-    _check_chunk_size(chunk_size)
-    _check_reduction(reduction)
-    return target.dtype.is_floating_point
-
-
-# ---------------------------------------------------------------------------------------------
 # Small shared pieces
 # ---------------------------------------------------------------------------------------------
-
-
-def _acc_dtype(dtype):
-    """The dtype the reference computes in: float64 for float64, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _cross_entropy_dtype(input, target, probs):
-    """The loss dtype torch's cross_entropy gives: input's, promoted with a class-probability
-    target's, and float32 under autocast (where cross_entropy is a float32 op)."""
-    if torch.is_autocast_enabled(input.device.type) and input.dtype != torch.float64:
-        return torch.promote_types(torch.float32, target.dtype) if probs else torch.float32
-    return torch.promote_types(input.dtype, target.dtype) if probs else input.dtype
 
 
 def _reduce(loss, reduction, denominator=None):
@@ -424,18 +131,18 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     (torch gives the same); a non-ignored row whose class weight is 0 in a batch whose weights sum
     to 0 gets a NaN gradient, as in torch.
     """
-    probs = _check_cross_entropy_args(input, target, weight, ignore_index, reduction,
+    probs = C.cross_entropy_args(input, target, weight, ignore_index, reduction,
                                       label_smoothing, z_loss, softcap)
-    _check_bool(return_lse, "return_lse")
-    _check_bool(inplace_backward, "inplace_backward")
+    C.check_bool(return_lse, "return_lse")
+    C.check_bool(inplace_backward, "inplace_backward")
     if inplace_backward and input.requires_grad and torch.is_grad_enabled():
-        _check_inplace_backward(input)
+        C.check_inplace_backward(input)
     label_smoothing = float(label_smoothing)
     z_loss = float(z_loss)
 
     if target.dtype == torch.uint8:
         target = target.long()
-    acc = _acc_dtype(input.dtype)
+    acc = C.acc_dtype(input.dtype)
     rows, tgt, out_shape = _to_rows(input, target, probs)
     rows = rows.to(acc)
     num_classes = rows.shape[-1]
@@ -468,7 +175,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         denominator = torch.where(valid, w_y, zero).sum()
 
     loss = _reduce(loss_rows.reshape(out_shape), reduction, denominator)
-    loss = loss.to(_cross_entropy_dtype(input, target, probs))
+    loss = loss.to(C.cross_entropy_dtype(input, target, probs))
     if return_lse:
         return loss, lse.detach().reshape(out_shape)
     return loss
@@ -493,13 +200,13 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     ``z_loss`` and ``softcap`` mean what they mean in :func:`cross_entropy`. ``chunk_size`` (how
     many rows of logits a fused kernel may hold at once) is accepted and ignored here.
     """
-    _check_linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight,
+    C.linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight,
                                      reduction, chunk_size)
     vocab = linear_weight.shape[0]
     batch_shape = tuple(input.shape[:-1])
     # the remaining arguments are checked by cross_entropy
 
-    acc = _acc_dtype(input.dtype)
+    acc = C.acc_dtype(input.dtype)
     logits = input.to(acc) @ linear_weight.to(acc).T
     if linear_bias is not None:
         logits = logits + linear_bias.to(acc)
@@ -539,19 +246,9 @@ def sigmoid_focal_loss(input, target, alpha=0.25, gamma=2.0, reduction="none", *
     elements, 'sum'. ``target`` must have the input's shape and a floating dtype; target values
     are not range-checked (outside [0, 1] the result is not torchvision's).
     """
-    _check_float_tensor(input, "input")
-    _check_float_tensor(target, "target")
-    _check_same_device(target, "target", input)
-    if target.shape != input.shape:
-        raise ValueError(
-            f"target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
-        )
-    alpha = _check_real(alpha, "alpha")
-    gamma = _check_gamma(gamma)
-    _check_reduction(reduction)
-    _check_broadcast_weight(weight, input)
+    alpha, gamma = C.sigmoid_focal_loss_args(input, target, alpha, gamma, reduction, weight)
 
-    acc = _acc_dtype(input.dtype)
+    acc = C.acc_dtype(input.dtype)
     x = input.to(acc)
     t = target.to(acc)
     log_p = F.logsigmoid(x)         # log sigmoid(x)
@@ -593,19 +290,9 @@ def softmax_focal_loss(input, target, gamma=2.0, weight=None, ignore_index=-100,
     ``gamma = 0`` gives exactly the reference :func:`cross_entropy`. ``q**gamma`` is guarded so
     that ``q = 0`` (p_y == 1) gives a 0 gradient rather than ``inf * 0``.
     """
-    _check_float_tensor(input, "input")
-    if input.dim() < 2:
-        raise ValueError(
-            f"input must have shape (N, C) or (N, C, d1, ..., dk), got {tuple(input.shape)}"
-        )
-    _check_tensor(target, "target")
-    if target.dtype != torch.int64:
-        raise TypeError(f"target must be an int64 tensor of class indices, "
-                        f"got dtype {target.dtype}")
-    gamma = _check_gamma(gamma)
-    _check_cross_entropy_args(input, target, weight, ignore_index, reduction, 0.0, 0.0, None)
+    gamma = C.softmax_focal_loss_args(input, target, gamma, weight, ignore_index, reduction)
 
-    acc = _acc_dtype(input.dtype)
+    acc = C.acc_dtype(input.dtype)
     rows, tgt, out_shape = _to_rows(input, target, probs=False)
     rows = rows.to(acc)
     w = None if weight is None else weight.to(acc)
@@ -642,19 +329,9 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     without pos_weight: ``w * [(1 - t) * x - logsigmoid(x)]``. 'mean' divides by the number of
     elements (not by the weights). ValueError when ``target.size() != input.size()``.
     """
-    _check_float_tensor(input, "input")
-    _check_tensor(target, "target")
-    if target.size() != input.size():
-        raise ValueError(
-            f"Target size ({target.size()}) must be the same as input size ({input.size()})"
-        )
-    _check_float_tensor(target, "target")
-    _check_same_device(target, "target", input)
-    _check_reduction(reduction)
-    _check_broadcast_weight(weight, input, "weight")
-    _check_broadcast_weight(pos_weight, input, "pos_weight")
+    C.binary_cross_entropy_with_logits_args(input, target, weight, reduction, pos_weight)
 
-    acc = _acc_dtype(input.dtype)
+    acc = C.acc_dtype(input.dtype)
     x = input.to(acc)
     t = target.to(acc)
     log_sig = F.logsigmoid(x)
@@ -688,18 +365,9 @@ def total_variation(input, weight=None, *, norm="l1", eps=0.0, reduction="mean")
     ``eps >= 0`` applies to "isotropic" only. ``reduction``: 'none' gives one value per image,
     shape ``input.shape[:-2]``; 'sum'; 'mean' divides the sum by ``input.numel()``.
     """
-    _check_float_tensor(input, "input")
-    if input.dim() < 2:
-        raise ValueError(f"input must have shape (..., H, W), got {tuple(input.shape)}")
-    if not isinstance(norm, str) or norm not in TV_NORMS:
-        raise ValueError(f"norm must be one of 'l1', 'l2_squared', 'isotropic', got {norm!r}")
-    eps = _check_real(eps, "eps", low=0.0)
-    if eps != 0.0 and norm != "isotropic":
-        raise ValueError(f"eps applies to norm='isotropic' only, got eps={eps} with norm={norm!r}")
-    _check_reduction(reduction)
-    _check_broadcast_weight(weight, input)
+    eps = C.total_variation_args(input, weight, norm, eps, reduction)
 
-    acc = _acc_dtype(input.dtype)
+    acc = C.acc_dtype(input.dtype)
     x = input.to(acc)
     w = None if weight is None else weight.to(acc).expand(input.shape)
     dv = x[..., 1:, :] - x[..., :-1, :]       # (..., H-1, W), starts at (i, j)

@@ -1,6 +1,8 @@
-"""torch.library custom ops, one module per loss (docs/DESIGN.md section 1)."""
+"""torch.library custom ops, one module per loss (docs/DESIGN.md section 1), plus what they share
+(``_common``) and the loss-agnostic upstream-gradient op (``scale_grad``)."""
 
-from . import (
-    cross_entropy,  # noqa: F401  (registers fusedloss::cross_entropy_*)
-    linear_cross_entropy,  # noqa: F401
+from . import (  # noqa: F401  (importing them registers the fusedloss:: custom ops)
+    cross_entropy,
+    linear_cross_entropy,
+    scale_grad,
 )

@@ -15,17 +15,13 @@ Two entry points:
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _backend, _ext
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._common import acc_dtype, check_first_order, is_uniform, times_upstream
 
 
 def _row_shape(input: Tensor) -> tuple[int, int]:
@@ -52,7 +48,7 @@ def cross_entropy_fwd(
 
 def _fwd_fake(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
               compute_grad, backend=None):
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     loss = input.new_empty(_row_shape(input), dtype=acc)
     lse = input.new_empty(_row_shape(input), dtype=acc)
     grad = input.new_empty(input.shape if compute_grad else (0,))
@@ -81,70 +77,16 @@ def _save(ctx, grad, target, ignore_index, backend, computed_grad):
     ctx.save_for_backward(grad, target if index else None)
 
 
-NO_DOUBLE_BACKWARD = (
-    "fusedloss.{op}: the fused kernels give first derivatives only; differentiating the gradient "
-    "again (create_graph=True: double backward, hessian, gradient penalties) is not supported. "
-    "Use backend='reference' (plain PyTorch, every derivative) for that computation.")
-
-
-def _check_first_order(op: str) -> None:
-    # The engine runs a backward under grad mode only for create_graph=True.
-    if torch.is_grad_enabled():
-        raise RuntimeError(NO_DOUBLE_BACKWARD.format(op=op))
-
-
-def _is_uniform(grad_loss: Tensor) -> bool:
-    """The upstream gradient of a 'mean' or 'sum' loss arrives expanded from one scalar."""
-    return grad_loss.numel() <= 1 or all(st == 0 for st in grad_loss.stride())
-
-
-def _scaled_grad(grad: Tensor, grad_loss: Tensor, backend: str, *, inplace: bool) -> Tensor:
-    """grad * grad_loss broadcast over the class dim (grad: the gradient saved by the forward),
-    where an element of grad that is exactly 0 stays 0 (docs/KERNELS.md: scale_grad_).
-
-    A scalar upstream gradient of 1 (``loss.backward()``) costs nothing. Otherwise the saved
-    gradient is left intact (so ``retain_graph`` and gradcheck's repeated backwards work) unless
-    it already lives in the input's memory (``inplace``), or the upstream scalar sits on a GPU
-    where reading it would be a host sync: then it is scaled in place, the kernel skipping a 1 on
-    the device, and a second backward through the graph fails autograd's version check.
-    """
-    if torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor:
-        # Traced (dynamo, or make_fx with fake/functional tensors): a functional multiply that
-        # inductor fuses into one pass.
-        scaled = (grad * grad_loss.unsqueeze(1)).to(grad.dtype)
-        return torch.where(grad == 0, grad, scaled)
-    uniform = _is_uniform(grad_loss)
-    finite = not uniform  # a per-row upstream arrives with its ignored rows already zeroed
-    if grad_loss.device.type == "cpu" and uniform:
-        s = grad_loss.reshape(-1)[:1]  # a host read, no device to wait for
-        if s.numel() == 0:
-            return grad
-        s = s.item()
-        if s == 1.0:
-            return grad
-        finite = math.isfinite(s)
-    if inplace or (uniform and grad_loss.device.type != "cpu"):
-        scale_grad_(grad, grad_loss, backend)
-        return grad
-    if grad.dtype == grad_loss.dtype and finite:  # float32/float64: one pass, nothing promoted
-        return grad * grad_loss.unsqueeze(1)
-    # Half, or a NaN/inf scalar: a copy scaled by the kernel (float32 math rounded once, no
-    # float32 temporary of the logits' size; zeros stay zero).
-    out = grad.clone()
-    scale_grad_(out, grad_loss, backend)
-    return out
-
-
 def _grad_input(ctx, grad_loss: Tensor, *, inplace: bool) -> Tensor:
     """d(loss)/d(input) from the saved gradient and the upstream gradient of the per-row loss."""
     if grad_loss is None:
         return None
-    _check_first_order("cross_entropy")
+    check_first_order("cross_entropy")
     grad, target = ctx.saved_tensors
-    if ctx.index_target and not _is_uniform(grad_loss):
+    if ctx.index_target and not is_uniform(grad_loss):
         # Per-row upstream ('none'): ignored rows get exactly 0, whatever their upstream value.
         grad_loss = torch.where(target == ctx.ignore_index, 0, grad_loss)
-    return _scaled_grad(grad, grad_loss, ctx.backend, inplace=inplace)
+    return times_upstream(grad, grad_loss, ctx.backend, inplace=inplace)
 
 
 def _backward(ctx, grad_loss, grad_lse, grad_grad):
@@ -178,7 +120,7 @@ def cross_entropy_fwd_inplace(
 
 def _fwd_inplace_fake(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
                       softcap, backend=None):
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     return (input.new_empty(_row_shape(input), dtype=acc),
             input.new_empty(_row_shape(input), dtype=acc))
 
@@ -230,29 +172,18 @@ class CrossEntropyInplace(torch.autograd.Function):
         return (_grad_input(ctx, grad_loss, inplace=True),) + (None,) * 8
 
 
-@torch.library.custom_op("fusedloss::scale_grad_", mutates_args=("grad",))
-def scale_grad_(grad: Tensor, grad_loss: Tensor, backend: str) -> None:
-    _backend.kernels("cross_entropy", backend).scale_grad_(grad, grad_loss)
-
-
-@scale_grad_.register_fake
-def _(grad, grad_loss, backend):
-    return None
-
-
 # Fake kernels of fusedloss._C's ops (the device kernels, and the eager one-call ops of
 # csrc/autograd/cross_entropy.cpp built on them), so that opcheck and tracers see their shapes.
 # fusedloss.functional only calls the one-call ops outside torch.compile.
 if _ext.available():
     torch.library.register_fake("fusedloss_C::cross_entropy_fwd", _fwd_fake)
     torch.library.register_fake("fusedloss_C::cross_entropy_fwd_inplace", _fwd_inplace_fake)
-    torch.library.register_fake("fusedloss_C::scale_grad_", lambda grad, grad_loss: None)
 
     def _loss_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                    softcap, dtype):
         out_shape = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
         loss = input.new_empty(out_shape if reduction == 0 else (), dtype=dtype)
-        return loss, input.new_empty(out_shape, dtype=_acc_dtype(input.dtype))
+        return loss, input.new_empty(out_shape, dtype=acc_dtype(input.dtype))
 
     torch.library.register_fake("fusedloss_C::cross_entropy_loss", _loss_fake)
     torch.library.register_fake("fusedloss_C::cross_entropy_loss_inplace", _loss_fake)

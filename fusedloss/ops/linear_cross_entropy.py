@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .cross_entropy import _acc_dtype, _check_first_order, _scaled_grad, scale_grad_
+from ._common import acc_dtype, check_first_order, times_upstream
+from .scale_grad import scale_grad_
 
 
 def _chunks(n: int, chunk_size: int):
@@ -36,7 +37,7 @@ def _run(input, linear_weight, linear_bias, target, weight, grad_scale, row_scal
     """Loss and lse per token and, with compute_grad, the three gradients. row_scale: None, or the
     per-token upstream gradient (backward of 'none'), applied to the gradients only."""
     n, h = input.shape
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     kernels = _backend.kernels("cross_entropy", backend)
     rows = _kept_rows(target, ignore_index)
     all_kept = rows.numel() == n  # no padding: chunks are plain slices, nothing to gather
@@ -139,7 +140,7 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 @linear_cross_entropy_fwd.register_fake
 def _(input, linear_weight, linear_bias, target, weight, grad_scale, ignore_index,
       label_smoothing, z_loss, softcap, chunk_size, compute_grad, backend):
-    acc = _acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     n = input.shape[0]
     gi = torch.empty_like(input) if compute_grad else input.new_empty(0)
     gw = torch.empty_like(linear_weight) if compute_grad else input.new_empty(0)
@@ -166,14 +167,14 @@ def _setup_context(ctx, inputs, output):
 
 def _scale_(t: Tensor, g: Tensor, backend: str) -> Tensor:
     """t times the scalar upstream gradient g (expanded over tokens), as in cross-entropy."""
-    return _scaled_grad(t.view(1, -1, 1), g.as_strided((1, 1), (0, 0)), backend,
+    return times_upstream(t.view(1, -1, 1), g.as_strided((1, 1), (0, 0)), backend,
                         inplace=False).view(t.shape)
 
 
 def _backward(ctx, grad_loss, grad_lse, gi, gw, gb):
     if grad_loss is None:
         return (None,) * 13
-    _check_first_order("linear_cross_entropy")
+    check_first_order("linear_cross_entropy")
     ignore_index, label_smoothing, z_loss, softcap, chunk_size, backend = ctx.args
     if ctx.precomputed:
         grad_input, grad_weight, grad_bias = ctx.saved_tensors
@@ -185,7 +186,7 @@ def _backward(ctx, grad_loss, grad_lse, gi, gw, gb):
         input, linear_weight, linear_bias, target, weight, grad_scale = ctx.saved_tensors
         _, _, grad_input, grad_weight, grad_bias = _run(
             input, linear_weight, linear_bias, target, weight, grad_scale,
-            grad_loss.to(_acc_dtype(input.dtype)).contiguous(), ignore_index, label_smoothing,
+            grad_loss.to(acc_dtype(input.dtype)).contiguous(), ignore_index, label_smoothing,
             z_loss, softcap, chunk_size, True, backend)
     return (grad_input, grad_weight, grad_bias) + (None,) * 10
 
