@@ -12,11 +12,16 @@
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -24,7 +29,6 @@ namespace fusedloss {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
@@ -192,10 +196,10 @@ Tensor grad_input(Tensor g, Tensor up, const Tensor& target, bool index_target, 
   Tensor gl;  // (N, D)
   bool finite = !uniform;  // a per-row upstream arrives with its ignored rows zeroed
   if (uniform) {
-    if (g.is_cpu()) {  // a host read, no device to wait for
+    if (g.is_cpu()) {  // a host read, no device to wait for (any element: all are the same)
       const double s = up.numel() == 0 ? 1.0
-                       : up.numel() == 1 ? up.item<double>()
-                                         : up.reshape({-1})[0].item<double>();
+                       : acc == at::kDouble ? *up.const_data_ptr<double>()
+                                            : static_cast<double>(*up.const_data_ptr<float>());
       if (s == 1.0) return g;
       finite = std::isfinite(s);
     }
@@ -215,55 +219,93 @@ Tensor grad_input(Tensor g, Tensor up, const Tensor& target, bool index_target, 
   return out;
 }
 
+// The autograd node of the eager op: a hand-written Node, as ATen's generated autograd code has,
+// rather than a torch::autograd::Function (whose CppNode bookkeeping cost several microseconds per
+// step, forward and backward, more than the whole kernel at small shapes).
 template <bool kInplace>
-struct CrossEntropyLoss : public torch::autograd::Function<CrossEntropyLoss<kInplace>> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& target,
-                               const std::optional<Tensor>& weight, int64_t ignore_index,
-                               int64_t reduction, double label_smoothing, double z_loss,
-                               double softcap, at::ScalarType dtype) {
-    const Canonical c = canonical(input, target, weight);
-    const std::optional<Tensor> scale = scale_for(c, reduction, ignore_index);
-    Tensor loss, lse, grad;
-    if constexpr (kInplace) {
-      std::tie(loss, lse) = kernel_fwd_inplace(c.x, c.t, c.w, scale, ignore_index,
-                                               label_smoothing, z_loss, softcap);
-      // A declared write: an op that saved the logits for its own backward now fails autograd's
-      // version check instead of reading a gradient as logits.
-      input.unsafeGetTensorImpl()->bump_version();
-      grad = c.x;  // saved after the write: it holds the gradient now
-    } else {
-      std::tie(loss, lse, grad) = kernel_fwd(c.x, c.t, c.w, scale, ignore_index, label_smoothing,
-                                             z_loss, softcap, true);
-    }
-    auto [out, lse_out] = finish(c, loss, lse, reduction, scale, dtype);
-    ctx->set_materialize_grads(false);
-    ctx->mark_non_differentiable({lse_out});
-    // The gradient in input's shape (what backward returns), and the target only where a per-row
-    // upstream gradient can come ('none' with class indices: ignored rows are kept at 0).
-    const bool keep_target = reduction == kNone && !c.prob;
-    ctx->save_for_backward({grad.view(input.sizes()), keep_target ? c.t : Tensor()});
-    if (keep_target) ctx->saved_data["ignore_index"] = ignore_index;
-    return {out, lse_out};
+struct CrossEntropyBackward final : public torch::autograd::Node {
+  explicit CrossEntropyBackward(torch::autograd::edge_list&& next_edges)
+      : Node(std::move(next_edges)) {}
+
+  std::string name() const override {
+    return kInplace ? "CrossEntropyInplaceBackward" : "CrossEntropyBackward";
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(9);
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list out(1);
     if (!grads[0].defined()) return out;
     TORCH_CHECK(!at::GradMode::is_enabled(), kNoDoubleBackward);
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor& g = saved[0];
-    const Tensor& target = saved[1];
-    const int64_t ii = target.defined() ? ctx->saved_data["ignore_index"].toInt() : 0;
+    // In place, the saved tensor is the input itself: its version check fails loudly if anything
+    // wrote to it after the forward stored the gradient there.
+    const Tensor g = grad_.unpack();
+    const Tensor target = index_target_ ? target_.unpack() : Tensor();
     // (N, C, D) of the kernels' contract, from input's shape (N, C, d...) or (C,)
     const bool unbatched = g.dim() == 1;
     const int64_t N = unbatched ? 1 : g.size(0), C = unbatched ? g.size(0) : g.size(1);
     const int64_t D = C == 0 || N == 0 ? 1 : g.numel() / (N * C);
-    const Tensor r = grad_input(g.view({N, C, D}), grads[0], target, target.defined(), ii,
-                                kInplace);
+    const Tensor r = grad_input(g.view({N, C, D}), grads[0], target, index_target_,
+                                ignore_index_, kInplace);
     out[0] = r.view(g.sizes());
     return out;
   }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    grad_.reset_data();
+    target_.reset_data();
+  }
+
+  torch::autograd::SavedVariable grad_;    // d(loss)/d(input) in input's shape
+  torch::autograd::SavedVariable target_;  // only for a per-row upstream gradient
+  int64_t ignore_index_ = 0;
+  bool index_target_ = false;
 };
+
+template <bool kInplace>
+std::tuple<Tensor, Tensor> cross_entropy_loss_with_grad(
+    const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+    int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss, double softcap,
+    at::ScalarType dtype) {
+  Canonical c;
+  Tensor out, lse_out, grad;
+  {
+    // Everything below autograd: the views are plain aliases and no graph is recorded.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    c = canonical(input, target, weight);
+    const std::optional<Tensor> scale = scale_for(c, reduction, ignore_index);
+    Tensor loss, lse;
+    if constexpr (kInplace) {
+      std::tie(loss, lse) = kernel_fwd_inplace(c.x, c.t, c.w, scale, ignore_index,
+                                               label_smoothing, z_loss, softcap);
+    } else {
+      std::tie(loss, lse, grad) = kernel_fwd(c.x, c.t, c.w, scale, ignore_index, label_smoothing,
+                                             z_loss, softcap, true);
+      grad = grad.view(input.sizes());
+    }
+    std::tie(out, lse_out) = finish(c, loss, lse, reduction, scale, dtype);
+  }
+  auto node = c10::make_intrusive<CrossEntropyBackward<kInplace>>(
+      torch::autograd::collect_next_edges(input));
+  if constexpr (kInplace) {
+    // A declared write: an op that saved the logits for its own backward now fails autograd's
+    // version check instead of reading a gradient as logits. Saved after the write: input's memory
+    // holds the gradient now.
+    input.unsafeGetTensorImpl()->bump_version();
+    node->grad_ = torch::autograd::SavedVariable(input, false);
+  } else {
+    node->grad_ = torch::autograd::SavedVariable(grad, false);
+  }
+  // The target only where a per-row upstream gradient can come ('none' with class indices:
+  // ignored rows are kept at 0).
+  node->index_target_ = reduction == kNone && !c.prob;
+  if (node->index_target_) {
+    node->target_ = torch::autograd::SavedVariable(c.t, false);
+    node->ignore_index_ = ignore_index;
+  }
+  torch::autograd::set_history(out, node);  // lse stays without history: not differentiable
+  return {out, lse_out};
+}
 
 // Without autograd (no_grad, inference_mode, an input that needs no gradient): no gradient made.
 std::tuple<Tensor, Tensor> cross_entropy_loss_forward(
@@ -290,9 +332,8 @@ std::tuple<Tensor, Tensor> cross_entropy_loss_autograd(
     return cross_entropy_loss_forward(input, target, weight, ignore_index, reduction,
                                       label_smoothing, z_loss, softcap, dtype);
   }
-  const variable_list r = CrossEntropyLoss<kInplace>::apply(
-      input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, dtype);
-  return {r[0], r[1]};
+  return cross_entropy_loss_with_grad<kInplace>(input, target, weight, ignore_index, reduction,
+                                               label_smoothing, z_loss, softcap, dtype);
 }
 
 }  // namespace
