@@ -1,0 +1,349 @@
+"""Shared test support: running a loss forward and backward, tolerances, flash-attention's half
+precision rule, and the table of ops (:data:`OPS`) whose samples drive ``tests/test_ops.py``.
+
+A new loss adds one :class:`OpInfo` row to :data:`OPS` (docs/ADDING_A_LOSS.md): its sample inputs,
+its bad inputs and its custom ops. ``tests/test_ops.py`` then checks it on every backend that runs
+here against the reference: values and gradients, non-contiguous inputs, empty batches, NaN,
+float64 gradcheck, ``torch.library.opcheck`` and ``torch.compile(fullgraph=True)``. What is
+particular to a loss (parity with torch and peers, extremes, semantics) stays in
+``tests/test_<loss>.py``.
+
+Tolerances (:data:`TOL`): float64 1e-10 (same math, another order), float32 2e-5 relative and
+absolute. Half precision (:func:`assert_half_precision_ok`): the fused error against a float64
+reference is at most twice torch's own error at that precision, plus a floor of 1e-6 for exact
+ties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import fusedloss
+from fusedloss import reference
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a loss
+
+
+def make(shape, dtype=torch.float32, device="cpu", scale=3.0) -> torch.Tensor:
+    """Random logits, drawn in float64 and rounded once (the same values in every dtype)."""
+    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def class_targets(shape, num_classes, device="cpu", ignore_frac=0.0, ignore_index=-100):
+    t = torch.randint(0, num_classes, shape)
+    if ignore_frac:
+        t[torch.rand(shape) < ignore_frac] = ignore_index
+    return t.to(device)
+
+
+def noncontiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values in memory with every stride doubled (and so no dimension contiguous)."""
+    if t.dim() == 0:
+        return t
+    buf = torch.empty(t.shape + (2,), dtype=t.dtype, device=t.device)
+    out = buf[..., 0]
+    out.copy_(t)
+    return out
+
+
+def loss_and_grads(fn: Callable, args: tuple, kwargs: dict, grad_args=(0,), upstream=None):
+    """``fn(*args, **kwargs)`` and the gradients of ``args[i]`` for i in grad_args, on fresh
+    leaf copies. The first output is the loss when fn returns a tuple; ``upstream`` is the
+    gradient fed to backward (ones by default)."""
+    args = list(args)
+    leaves = []
+    for i in grad_args:
+        args[i] = args[i].detach().clone().requires_grad_(True)
+        leaves.append(args[i])
+    out = fn(*args, **kwargs)
+    loss = out[0] if isinstance(out, tuple) else out
+    grads = torch.autograd.grad(loss, leaves, torch.ones_like(loss) if upstream is None else
+                                upstream, allow_unused=True)
+    return loss, grads
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str = ""):
+    """Within TOL[dtype] (NaN where the other has NaN), and the same shape."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref| in float64 (the scale of the whole tensor)."""
+    got, ref = got.double(), ref.double()
+    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def assert_half_precision_ok(fused: torch.Tensor, torch_half: torch.Tensor,
+                             ref64: torch.Tensor, what: str = "", floor: float = 1e-6):
+    """flash-attention's rule: the fused result's error against the float64 reference is at most
+    twice the error of torch's own computation at the same precision (plus ``floor``)."""
+    ours, theirs = rel_err(fused, ref64), rel_err(torch_half, ref64)
+    assert ours <= 2 * theirs + floor, f"{what}: error {ours:.3g} > 2 x torch's {theirs:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The op table
+
+
+@dataclasses.dataclass
+class Sample:
+    """One call of a loss: ``fn(*args, **kwargs)``. ``grad_args`` are the positions of the
+    arguments that get gradients; a float tensor argument is cast to the test's dtype."""
+
+    name: str
+    args: tuple
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    grad_args: tuple = (0,)
+    empty: bool = False      # a batch with no rows: shapes and zero-size gradients are checked
+    nan_loss: bool = True    # a NaN in every input element makes the (summed) loss NaN
+
+    def cast(self, dtype: torch.dtype) -> "Sample":
+        def c(a):
+            if isinstance(a, torch.Tensor) and a.is_floating_point():
+                return a.to(dtype)
+            return a
+        return dataclasses.replace(self, args=tuple(c(a) for a in self.args),
+                                   kwargs={k: c(v) for k, v in self.kwargs.items()})
+
+
+@dataclasses.dataclass
+class BadInput:
+    """A call that must raise ``exc`` with a message matching ``match`` (the argument's name)."""
+
+    name: str
+    args: tuple
+    kwargs: dict
+    exc: Any
+    match: str
+
+
+@dataclasses.dataclass
+class OpInfo:
+    """One public loss and everything the generic tests need to check it."""
+
+    name: str                                            # the loss, a key of _backend.OPS
+    fused: Callable                                      # fusedloss.<loss> (takes backend=)
+    reference: Callable                                  # fusedloss.reference.<loss>
+    samples: Callable[[str], list]                       # device -> [Sample] (float32)
+    bad_inputs: Callable[[str], list]                    # device -> [BadInput]
+    custom_ops: Callable[[str, str], list]               # (device, backend) -> [(op, args)]
+    gradcheck_samples: Callable[[str], list]             # device -> [Sample] (float64, small)
+    compile_samples: Callable[[str], list]               # device -> [Sample]
+    torch_half: Optional[Callable] = None                # torch's own computation of the loss
+
+
+# cross_entropy ------------------------------------------------------------------------------
+
+
+def _ce_samples(device):
+    def t(shape, c, frac=0.0):
+        return class_targets(shape, c, device, frac)
+    x = lambda *s: make(s, device=device)  # noqa: E731
+    prob = lambda *s: torch.softmax(make(s, device=device), 1)  # noqa: E731
+    w5 = torch.rand(5, device=device) + 0.1
+    return [
+        Sample("1-row", (x(1, 1), t((1,), 1))),
+        Sample("odd-vocab", (x(5, 4099), t((5,), 4099)), {"reduction": "sum"}),
+        Sample("mean-ignored", (x(8, 13), t((8,), 13, 0.4))),
+        Sample("none-all-extras", (x(6, 300), t((6,), 300, 0.3)),
+               {"reduction": "none", "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0}),
+        Sample("weighted-smoothed", (x(7, 5), t((7,), 5, 0.3)),
+               {"weight": w5, "label_smoothing": 0.2}),
+        Sample("spatial", (x(2, 5, 3, 4), t((2, 3, 4), 5, 0.2)), {"reduction": "none"}),
+        Sample("unbatched", (x(9), torch.tensor(4, device=device))),
+        Sample("prob-target", (x(4, 11), prob(4, 11)), {"label_smoothing": 0.1}),
+        Sample("prob-spatial", (x(2, 6, 5), prob(2, 6, 5)), {"reduction": "none"}),
+        Sample("empty-rows", (x(0, 10), t((0,), 10)), empty=True),
+        Sample("empty-spatial", (x(2, 4, 0), t((2, 0), 4)), {"reduction": "none"}, empty=True),
+    ]
+
+
+def _ce_bad(device):
+    x = make((4, 5), device=device)
+    t = class_targets((4,), 5, device)
+    return [
+        BadInput("reduction", (x, t), {"reduction": "avg"}, ValueError, "reduction"),
+        BadInput("target-shape", (x, t[:3]), {}, ValueError, "target with class indices"),
+        BadInput("target-rank", (x, t.view(2, 2)), {}, ValueError, "target with class indices"),
+        BadInput("input-dtype", (x.long(), t), {}, TypeError, "input"),
+        BadInput("target-int32", (x, t.int()), {}, TypeError, "target"),
+        BadInput("target-bool", (x, t.bool()), {}, TypeError, "target"),
+        BadInput("input-0d", (x[0, 0], t), {}, ValueError, "input"),
+        BadInput("no-classes", (make((4, 0), device=device), t), {}, ValueError, "class"),
+        BadInput("weight-shape", (x, t), {"weight": torch.ones(4, device=device)}, ValueError,
+                 "weight"),
+        BadInput("weight-dtype", (x, t), {"weight": torch.ones(5, dtype=torch.long,
+                                                                device=device)},
+                 TypeError, "weight"),
+        BadInput("label_smoothing", (x, t), {"label_smoothing": 1.5}, ValueError,
+                 "label_smoothing"),
+        BadInput("label_smoothing-nan", (x, t), {"label_smoothing": float("nan")}, ValueError,
+                 "label_smoothing"),
+        BadInput("z_loss", (x, t), {"z_loss": -1.0}, ValueError, "z_loss"),
+        BadInput("softcap", (x, t), {"softcap": 0.0}, ValueError, "softcap"),
+        BadInput("ignore_index-type", (x, t), {"ignore_index": 1.5}, TypeError, "ignore_index"),
+        BadInput("prob-shape", (x, torch.rand(4, 6, device=device)), {}, ValueError,
+                 "input's shape"),
+        BadInput("prob-ignore_index", (x, torch.rand(4, 5, device=device)), {"ignore_index": 2},
+                 ValueError, "ignore_index"),
+        BadInput("backend", (x, t), {"backend": "tpu"}, ValueError, "backend"),
+        BadInput("backend-type", (x, t), {"backend": 3}, TypeError, "backend"),
+    ]
+
+
+def _ce_ops(device, backend):
+    x = make((3, 2, 17), device=device)
+    t = class_targets((3, 17), 2, device)
+    t[0, 0] = -100
+    p = torch.softmax(make((3, 2, 17), device=device), 1)
+    w, s = torch.rand(2, device=device), torch.tensor(0.5, device=device)
+    ops = torch.ops.fusedloss
+    out = []
+    for tgt in (t, p):
+        ii = -100 if tgt is t else -1
+        for compute_grad in (False, True):
+            out.append((ops.cross_entropy_fwd, (x.clone().requires_grad_(compute_grad), tgt, w,
+                                                s, ii, 0.1, 1e-3, 3.0, compute_grad, backend)))
+        out.append((ops.cross_entropy_fwd_inplace,
+                    (x.clone(), tgt, w, None, ii, 0.0, 0.0, 0.0, backend)))
+    grad = make((3, 4, 5), device=device)
+    out.append((ops.scale_grad_, (grad, torch.rand(3, 5, device=device), backend)))
+    out.append((ops.scale_grad_, (grad, torch.tensor(2.0, device=device).expand(3, 5), backend)))
+    if backend != "triton":  # fusedloss._C's eager one-call ops (cpu and cuda)
+        c_ops = torch.ops.fusedloss_C
+        x4 = make((3, 5, 2, 4), device=device)
+        t4 = class_targets((3, 2, 4), 5, device, ignore_frac=0.3)
+        p4 = torch.softmax(make((3, 5, 2, 4), device=device), 1)
+        for reduction in (0, 1, 2):
+            for tgt, ii, cw in ((t4, -100, torch.rand(5, device=device)), (p4, -1, None)):
+                args = (x4.clone().requires_grad_(), tgt, cw, ii, reduction, 0.1, 1e-3, 0.0,
+                        torch.float32)
+                out.append((c_ops.cross_entropy_loss, args))
+                out.append((c_ops.cross_entropy_loss_inplace,
+                            (x4.clone().requires_grad_() * 1,) + args[1:]))
+        out.append((c_ops.cross_entropy_mean_scale, (t4, None, -100, torch.float32)))
+        out.append((c_ops.cross_entropy_mean_scale,
+                    (t4, torch.rand(5, device=device), -100, torch.float64)))
+    return out
+
+
+def _ce_gradcheck(device):
+    x = make((3, 9), torch.float64, device)
+    t = class_targets((3,), 9, device, ignore_frac=0.25)
+    t[0] = 2  # at least one row that is not ignored
+    w = torch.rand(9, dtype=torch.float64, device=device) + 0.1
+    p = torch.softmax(make((3, 9), torch.float64, device), 1)
+    extras = {"weight": w, "label_smoothing": 0.1, "z_loss": 0.01, "softcap": 4.0}
+    return [
+        Sample("mean", (x, t)),
+        Sample("none-extras", (x, t), {"reduction": "none", **extras}),
+        Sample("mean-extras", (x, t), extras),
+        Sample("prob-none", (x, p), {"reduction": "none", "label_smoothing": 0.1}),
+        Sample("spatial", (make((2, 3, 4), torch.float64, device),
+                           class_targets((2, 4), 3, device)), {"reduction": "none"}),
+    ]
+
+
+def _ce_compile(device):
+    x = make((5, 8), device=device)
+    t = class_targets((5,), 8, device, ignore_frac=0.3)
+    t[0] = 1
+    return [
+        Sample("mean-extras", (x, t), {"label_smoothing": 0.1, "z_loss": 1e-3}),
+        Sample("none", (x, t), {"reduction": "none"}),
+        Sample("inplace", (x, t), {"inplace_backward": True}),
+        Sample("prob", (x, torch.softmax(make((5, 8), device=device), 1)), {"reduction": "sum"}),
+    ]
+
+
+# linear_cross_entropy -----------------------------------------------------------------------
+
+
+def _lce(input, linear_weight, target, **kw):
+    return fusedloss.linear_cross_entropy(input, linear_weight, target, **kw)
+
+
+def _lce_ref(input, linear_weight, target, **kw):
+    return reference.linear_cross_entropy(input, linear_weight, target, **kw)
+
+
+def _lce_samples(device):
+    h = lambda *s: make(s, device=device, scale=0.5)  # noqa: E731
+    t = lambda s, v, f=0.0: class_targets(s, v, device, f)  # noqa: E731
+    return [
+        Sample("1-token", (h(1, 8), h(33, 8), t((1,), 33)), grad_args=(0, 1)),
+        Sample("chunked-ignored", (h(9, 16), h(50, 16), t((9,), 50, 0.3)),
+               {"chunk_size": 4, "label_smoothing": 0.1}, grad_args=(0, 1)),
+        Sample("bias-none", (h(5, 6), h(17, 6), t((5,), 17)),
+               {"linear_bias": make((17,), device=device), "reduction": "none", "z_loss": 1e-3,
+                "softcap": 3.0}, grad_args=(0, 1)),
+        Sample("batch-dims", (h(2, 3, 8), h(21, 8), t((2, 3), 21, 0.2)), {"reduction": "sum"},
+               grad_args=(0, 1)),
+        Sample("empty", (h(0, 8), h(21, 8), t((0,), 21)), grad_args=(0, 1), empty=True),
+    ]
+
+
+def _lce_bad(device):
+    h, w = make((4, 8), device=device), make((10, 8), device=device)
+    t = class_targets((4,), 10, device)
+    return [
+        BadInput("weight-rank", (h, w[0], t), {}, ValueError, "linear_weight"),
+        BadInput("hidden-mismatch", (h, w[:, :5], t), {}, ValueError, "linear_weight"),
+        BadInput("weight-dtype", (h, w.double(), t), {}, TypeError, "linear_weight"),
+        BadInput("bias-shape", (h, w, t), {"linear_bias": torch.zeros(3, device=device)},
+                 ValueError, "linear_bias"),
+        BadInput("target-shape", (h, w, t[:2]), {}, ValueError, "target"),
+        BadInput("target-dtype", (h, w, t.int()), {}, TypeError, "target"),
+        BadInput("chunk_size", (h, w, t), {"chunk_size": 0}, ValueError, "chunk_size"),
+        BadInput("reduction", (h, w, t), {"reduction": "avg"}, ValueError, "reduction"),
+        BadInput("label_smoothing", (h, w, t), {"label_smoothing": -0.1}, ValueError,
+                 "label_smoothing"),
+    ]
+
+
+def _lce_ops(device, backend):
+    h, w = make((6, 8), device=device), make((10, 8), device=device)
+    t = class_targets((6,), 10, device, ignore_frac=0.3)
+    b = make((10,), device=device)
+    op = torch.ops.fusedloss.linear_cross_entropy_fwd
+    return [(op, (h.clone().requires_grad_(cg), w.clone().requires_grad_(cg), bias, t, None,
+                  torch.tensor(0.25, device=device), -100, 0.1, 1e-3, 0.0, 4, cg, backend))
+            for cg in (False, True) for bias in (None, b)]
+
+
+def _lce_gradcheck(device):
+    h = make((5, 4), torch.float64, device, scale=0.5)
+    w = make((7, 4), torch.float64, device, scale=0.5)
+    t = class_targets((5,), 7, device, ignore_frac=0.2)
+    t[0] = 3
+    return [
+        Sample("mean", (h, w, t), {"chunk_size": 2}, grad_args=(0, 1)),
+        Sample("none-extras", (h, w, t), {"reduction": "none", "label_smoothing": 0.1,
+                                         "z_loss": 1e-2, "softcap": 3.0}, grad_args=(0, 1)),
+    ]
+
+
+def _lce_compile(device):
+    h, w = make((6, 8), device=device, scale=0.5), make((12, 8), device=device, scale=0.5)
+    t = class_targets((6,), 12, device, ignore_frac=0.3)
+    return [Sample("mean", (h, w, t), {"chunk_size": 4}, grad_args=(0, 1)),
+            Sample("none", (h, w, t), {"reduction": "none"}, grad_args=(0, 1))]
+
+
+OPS = [
+    OpInfo("cross_entropy", fusedloss.cross_entropy, reference.cross_entropy, _ce_samples,
+           _ce_bad, _ce_ops, _ce_gradcheck, _ce_compile, torch_half=F.cross_entropy),
+    OpInfo("linear_cross_entropy", _lce, _lce_ref, _lce_samples, _lce_bad, _lce_ops,
+           _lce_gradcheck, _lce_compile),
+]
