@@ -34,6 +34,9 @@ FULL = [(4096, 32000, "fp32"), (8192, 50257, "fp32"), (2048, 128256, "fp32"),
 # Per-call cost: classification heads and small vocabularies, where the Python and dispatch
 # overhead of a call, not the kernel, decides (on a GPU it decides whether a fused kernel wins).
 SMALL = [(64, 10, "fp32"), (32, 100, "fp32"), (256, 1000, "fp32")]
+# The per-call overhead row: one row of two classes, so the kernel's work is nothing and the time
+# is the fixed cost of a call (argument checks, dispatch, autograd node, reduction).
+OVERHEAD = [(1, 2, "fp32")]
 QUICK = [(1024, 8192, "fp32"), (64, 10, "fp32")]
 
 
@@ -42,6 +45,9 @@ def _case(n: int, v: int, dtype: str, mode: str) -> Case:
     logits = n * v * elt
     provs = [p for p, pr in PROVIDERS.items() if pr.modes is None or mode in pr.modes]
     notes = []
+    if (n, v, dtype) in OVERHEAD:
+        notes.append("per-call overhead: N=1, V=2, the kernel does nothing; the time is the "
+                     "fixed cost of one call")
     if mode == "fwd":
         floor = {"bytes": logits, "exp": n * v}
         notes.append("fwd: logits do not require grad (eval loss); extra memory is everything "
@@ -66,7 +72,8 @@ def _case(n: int, v: int, dtype: str, mode: str) -> Case:
         providers=provs,
         check_order=list(CHECK_ORDER),
         logits_bytes=logits,
-        title=(f"N={n} tokens, V={v}, {H.DTYPE_NAMES[dtype]}, "
+        title=(("per-call overhead: " if (n, v, dtype) in OVERHEAD else "")
+               + f"N={n} tokens, V={v}, {H.DTYPE_NAMES[dtype]}, "
                f"{'fwd' if mode == 'fwd' else 'fwd+bwd'}"),
         tol=dict(H.DEFAULT_TOL[dtype]),
         floor=floor,
@@ -75,7 +82,7 @@ def _case(n: int, v: int, dtype: str, mode: str) -> Case:
 
 
 def cases(device: str, quick: bool, dtype: str | None = None) -> list:
-    shapes = QUICK if quick else SMALL + FULL
+    shapes = OVERHEAD + (QUICK if quick else SMALL + FULL)
     return H.unique_cases(_case(n, v, dtype or dt, mode) for n, v, dt in shapes
                           for mode in ("fwd", "fwdbwd"))
 
