@@ -10,20 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import fusedloss
+from _support import TOL, make
+from _support import class_targets as targets
 from fusedloss import reference
-
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
-
-
-def make(shape, dtype=torch.float32, device="cpu", scale=3.0):
-    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).to(device)
-
-
-def targets(n_shape, c, device="cpu", ignore_frac=0.0, ignore_index=-100):
-    t = torch.randint(0, c, n_shape)
-    if ignore_frac:
-        t[torch.rand(n_shape) < ignore_frac] = ignore_index
-    return t.to(device)
 
 
 def run(fn, x, *args, upstream=None, **kw):
