@@ -1,8 +1,10 @@
-"""The CUDA sources (csrc/cuda/*.cu): static checks that need no GPU and no nvcc, and (marked
-``gpu``, skipped without a CUDA device and a CUDA build of fusedloss._C) the CUDA kernels against
+"""The CUDA sources (csrc/cuda): static checks that need no GPU and no nvcc, a host test of the
+index and launch arithmetic (csrc/cuda/index_math.h, compiled with g++ where it exists), tests of
+.ci/check_cuda.sh's code-generation checks against a stand-in nvcc, and (marked ``gpu``, skipped
+without a CUDA device and a CUDA build of fusedloss._C) the CUDA kernels against
 torch.nn.functional.cross_entropy.
 
-The nvcc compile check is separate (``bash .ci/check_cuda.sh``); nothing here compiles.
+The nvcc compile check itself is separate (``bash .ci/check_cuda.sh``, minutes).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import glob
 import importlib
 import os
 import re
+import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -24,6 +28,10 @@ CSRC = os.path.join(ROOT, "csrc")
 CUDA_DIR = os.path.join(CSRC, "cuda")
 INCLUDE_DIR = os.path.join(CSRC, "include", "fusedloss")
 CHECK_SCRIPT = os.path.join(ROOT, ".ci", "check_cuda.sh")
+# Shared CUDA infrastructure: every .cu takes these from here instead of declaring its own.
+COMMON = os.path.join(CUDA_DIR, "common.cuh")
+SKELETON = os.path.join(CUDA_DIR, "softmax_rows.cuh")
+INDEX_MATH = os.path.join(CUDA_DIR, "index_math.h")
 
 
 def _read(path: str) -> str:
@@ -56,6 +64,11 @@ def _strip_comments(src: str) -> str:
 
 def _cu_files() -> list[str]:
     return sorted(os.path.join(CUDA_DIR, f) for f in os.listdir(CUDA_DIR) if f.endswith(".cu"))
+
+
+def _cuda_headers() -> list[str]:
+    return sorted(os.path.join(CUDA_DIR, f) for f in os.listdir(CUDA_DIR)
+                  if f.endswith((".cuh", ".h")))
 
 
 def _schemas() -> dict[str, str]:
@@ -109,7 +122,9 @@ def _generic_impls() -> set[str]:
 
 
 def test_cuda_sources_exist():
-    assert os.path.isfile(os.path.join(CUDA_DIR, "cross_entropy.cu"))
+    for name in ("cross_entropy.cu", "scale_grad.cu", "common.cuh", "softmax_rows.cuh",
+                 "index_math.h"):
+        assert os.path.isfile(os.path.join(CUDA_DIR, name)), name
 
 
 @pytest.mark.parametrize("path", _cu_files(), ids=os.path.basename)
@@ -139,8 +154,15 @@ def test_cross_entropy_cu_uses_header_math():
         pat = r"\b%s(_diff)?\b" % name
         assert re.search(pat, header), f"cross_entropy.h no longer defines {name}"
         assert re.search(r"\bce::" + pat, src), f"cross_entropy.cu does not use ce::{name}"
-    # The partial states of threads, warps and blocks are combined with the header's merge.
-    assert re.search(r"\.merge\s*\(", src) and re.search(r"\blse\s*\(\s*\)", src)
+    # The partial states of threads, warps and blocks are combined with the header's merge (in the
+    # skeleton, which cross-entropy uses), and the row's lse is the header's.
+    skeleton = _strip_comments(_read(SKELETON))
+    assert re.search(r"\blse\.merge\s*\(", skeleton) and re.search(r"\bce::OnlineLSE\b", skeleton)
+    assert re.search(r"\blse\s*\(\s*\)", src)
+    # Cross-entropy is a policy of the skeleton, not a kernel of its own.
+    assert re.search(r'#\s*include\s*"softmax_rows\.cuh"', src)
+    assert re.search(r"\blaunch_softmax_rows\s*\(", src)
+    assert "__global__" not in src, "cross_entropy.cu: kernels belong in the skeleton"
     # No private copy of the formulas: the header's accurate target-column gradient (expm1).
     assert "expm1" not in src, "use ce::index_grad_target for the target column"
 
