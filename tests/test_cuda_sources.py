@@ -273,7 +273,7 @@ def test_common_helpers_are_not_redeclared(path):
     src = _strip_comments(_read(path))
     name = os.path.basename(path)
     assert re.search(r'#\s*include\s*"common\.cuh"', src), f"{name} must include common.cuh"
-    own = {"softmax_rows.cuh": {"lse_update_chunk", "pipelined_vecs"}}.get(name, set())
+    own = {"softmax_rows.cuh": {"lse_update_chunk"}}.get(name, set())
     for helper in COMMON_HELPERS:
         if helper in own:
             continue
@@ -291,7 +291,7 @@ def test_common_helpers_are_not_redeclared(path):
 def test_common_cuh_provides_the_helpers():
     src = _strip_comments(_read(COMMON)) + _strip_comments(_read(INDEX_MATH))
     for helper in COMMON_HELPERS:
-        if helper in ("lse_update_chunk", "pipelined_vecs", "head_elems"):
+        if helper in ("lse_update_chunk", "head_elems"):
             continue
         assert re.search(r"\b%s\b" % helper, src), f"common.cuh / index_math.h lack {helper}"
     # index_math.h is plain C++ (the host test compiles it with g++).

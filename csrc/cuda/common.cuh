@@ -1,5 +1,6 @@
 // What every CUDA kernel of fusedloss shares (no loss math here):
 //   AlignedVec, load_vec, store_vec     one 128-bit load / store of 16 bytes of elements
+//   pipelined_vecs                      a loop over a row's aligned vectors, loads U deep
 //   row_split                           head / 16-byte-aligned body / tail of a row (index_math.h)
 //   warp_allreduce, block_allreduce     all-reductions of a generic state (merge), e.g. the
 //                                       online-softmax (m, s) state; warp_sum / block_sum for sums
@@ -48,8 +49,8 @@ __device__ __forceinline__ AlignedVec<T, vec_size<T>()> load_vec(const T* p) {
 }
 
 // One 128-bit store to a 16-byte-aligned global address (st.global.v4.b32). Written in PTX: from
-// C++ (a uint4 store of the packed vector) NVVM splits it back into the elements' pieces, 4 x 32-bit
-// for 16-bit types and 2 x 64-bit for float. .ci/check_cuda.sh checks the PTX for it.
+// C++ (a uint4 store of the packed vector) NVVM splits it back into the elements' pieces,
+// 4 x 32-bit for 16-bit types and 2 x 64-bit for float. .ci/check_cuda.sh checks the PTX for it.
 template <typename T>
 __device__ __forceinline__ void store_vec(T* p, const AlignedVec<T, vec_size<T>()>& v) {
   uint32_t w[4];
@@ -63,6 +64,48 @@ __device__ __forceinline__ void store_vec(T* p, const AlignedVec<T, vec_size<T>(
 #else
   *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
 #endif
+}
+
+// Visits the vectors v = first, first + step, ... < nvec of a 16-byte-aligned body (xb: its first
+// vector; ab: a second operand's, read when AUX and a_vec), calling f(v, x vector, ab vector) in
+// order. The loads run U deep: while one vector is processed the loads of the next U - 1 are in
+// flight, and only one vector's math is live at a time (unrolling the math instead cost the
+// softmax rows ~50 registers). In place (f stores where xb points) is fine: each vector is loaded
+// before f sees it, and the loads ahead are of other vectors.
+template <int U, bool AUX, typename T, typename F>
+__device__ __forceinline__ void pipelined_vecs(const T* xb, const T* ab, bool a_vec, int64_t first,
+                                               int64_t nvec, int64_t step, F&& f) {
+  constexpr int VEC = vec_size<T>();
+  using Vec = AlignedVec<T, VEC>;
+  Vec xq[U] = {};
+  Vec aq[U] = {};
+#pragma unroll
+  for (int k = 0; k < U; ++k) {
+    const int64_t v = first + static_cast<int64_t>(k) * step;
+    if (v < nvec) {
+      xq[k] = load_vec(xb + v * VEC);
+      if constexpr (AUX) {
+        if (a_vec) aq[k] = load_vec(ab + v * VEC);
+      }
+    }
+  }
+  for (int64_t v = first; v < nvec; v += step) {
+    const Vec xc = xq[0];
+    const Vec ac = aq[0];
+#pragma unroll
+    for (int k = 0; k + 1 < U; ++k) {
+      xq[k] = xq[k + 1];
+      if constexpr (AUX) aq[k] = aq[k + 1];
+    }
+    const int64_t vn = v + static_cast<int64_t>(U) * step;
+    if (vn < nvec) {
+      xq[U - 1] = load_vec(xb + vn * VEC);
+      if constexpr (AUX) {
+        if (a_vec) aq[U - 1] = load_vec(ab + vn * VEC);
+      }
+    }
+    f(v, xc, ac);
+  }
 }
 
 template <typename T>

@@ -122,46 +122,6 @@ __device__ __forceinline__ void lse_update_chunk(ce::OnlineLSE<acc_t>& st, const
   st.m = m_new;
 }
 
-// Visits the vectors v = first, first + step, ... < nvec of a row body (xb: x at the body's start;
-// ab: aux at the same class, read when AUX and a_vec), calling f(v, x vector, aux vector) in order.
-// The loads run U deep: while one vector is processed the loads of the next U - 1 are in flight,
-// and only one vector's math is live at a time (unrolling the math instead costs ~50 registers).
-template <int U, bool AUX, typename T, typename F>
-__device__ __forceinline__ void pipelined_vecs(const T* xb, const T* ab, bool a_vec, int64_t first,
-                                               int64_t nvec, int64_t step, F&& f) {
-  constexpr int VEC = vec_size<T>();
-  using Vec = AlignedVec<T, VEC>;
-  Vec xq[U] = {};
-  Vec aq[U] = {};
-#pragma unroll
-  for (int k = 0; k < U; ++k) {
-    const int64_t v = first + static_cast<int64_t>(k) * step;
-    if (v < nvec) {
-      xq[k] = load_vec(xb + v * VEC);
-      if constexpr (AUX) {
-        if (a_vec) aq[k] = load_vec(ab + v * VEC);
-      }
-    }
-  }
-  for (int64_t v = first; v < nvec; v += step) {
-    const Vec xc = xq[0];
-    const Vec ac = aq[0];
-#pragma unroll
-    for (int k = 0; k + 1 < U; ++k) {
-      xq[k] = xq[k + 1];
-      if constexpr (AUX) aq[k] = aq[k + 1];
-    }
-    const int64_t vn = v + static_cast<int64_t>(U) * step;
-    if (vn < nvec) {
-      xq[U - 1] = load_vec(xb + vn * VEC);
-      if constexpr (AUX) {
-        if (a_vec) aq[U - 1] = load_vec(ab + vn * VEC);
-      }
-    }
-    f(v, xc, ac);
-  }
-}
-
 // The geometry of a launch: input, optional aux operand and gradient, with their strides.
 template <typename scalar_t>
 struct RowsArgs {
@@ -337,9 +297,7 @@ __global__ void __launch_bounds__(kRowsWarpThreads, rows_warp_min_blocks<P>())
   const int64_t step = static_cast<int64_t>(gridDim.x) * warps_per_block;
   // Warp-uniform loop: every lane of a warp works on the same row.
   for (int64_t r = first; r < a.rows; r += step) {
-    softmax_row_contiguous<false>(a, pol, r, lane, kWarpSize,
-                                  static_cast<BlockReduceStorage<StateOf<P>, kRowsBlockMaxThreads>*>(
-                                      nullptr));
+    softmax_row_contiguous<false, P>(a, pol, r, lane, kWarpSize, nullptr);
   }
 }
 
