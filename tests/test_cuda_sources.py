@@ -183,7 +183,7 @@ def test_every_schema_has_a_cuda_kernel():
     assert not dup, f"ops registered twice for CUDA: {dup}"
 
 
-@pytest.mark.parametrize("path", _cu_files(), ids=os.path.basename)
+@pytest.mark.parametrize("path", _cu_files() + _cuda_headers(), ids=os.path.basename)
 def test_cu_source_rules(path):
     src = _strip_comments(_read(path))
     name = os.path.basename(path)
@@ -199,7 +199,11 @@ def test_cu_source_rules(path):
     launches = [m.start() for m in re.finditer(r"<<<", src)]
     if launches:
         assert "getCurrentCUDAStream" in src, name
-        assert "CUDAGuard" in src, name
+        if name.endswith(".cu"):
+            assert "CUDAGuard" in src, name
+        else:
+            # A header's launcher runs under its caller's guard and says so.
+            assert "CUDAGuard" in _read(path), f"{name}: document the caller's CUDAGuard"
         for pos in launches:
             launch = src[pos:src.find(">>>", pos)]
             assert "stream" in launch, f"{name}: a kernel launch without the current stream"
