@@ -880,3 +880,22 @@ def test_gpu_64bit_offsets(ops):
     del g
     loss2, lse2 = ops.cross_entropy_fwd_inplace(x, t, None, None, -100, 0.0, 0.0, 0.0)
     compare(torch.bfloat16, (loss2[tail], lse2[tail], x[tail]), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_scale_grad_beyond_grid_limits(ops):
+    """linear CE scales grad_weight viewed as (1, V*H, 1), 1.25e9 elements for Qwen2.5-72B; here
+    2^31 + 40 elements. A capped 1-D grid-stride launch covers them, flat (scalar factor) and
+    strided with 64-bit indices (a factor per row)."""
+    half = 2**30 + 20
+    if torch.cuda.get_device_properties(0).total_memory < 4 * half + (2 << 30):
+        pytest.skip("not enough GPU memory")
+    g = torch.ones((2, half, 1), device="cuda", dtype=torch.bfloat16)
+    g[1, -1, 0] = 0.0
+    ops.scale_grad_(g, torch.full((), 0.5, device="cuda").expand(2, 1))
+    assert (g[0, 0, 0].item(), g[1, -2, 0].item(), g[1, -1, 0].item()) == (0.5, 0.5, 0.0)
+    ops.scale_grad_(g, torch.ones((), device="cuda").expand(2, 1))  # 1: nothing written
+    assert g[0, half // 2, 0].item() == 0.5
+    ops.scale_grad_(g, torch.tensor([[2.0], [4.0]], device="cuda"))
+    assert (g[0, -1, 0].item(), g[1, 0, 0].item(), g[1, -1, 0].item()) == (1.0, 2.0, 0.0)
