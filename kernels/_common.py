@@ -12,11 +12,12 @@ C is the class axis. A program owns BLOCK_ROWS rows of one n (``_row_tile``); wh
 run along n instead (``_row_view``), so that the tile axis is the one with consecutive rows in both
 the (N, C) and the (N, C, H*W) layouts. ``_tiles`` chooses (BLOCK_SIZE, BLOCK_ROWS, num_warps).
 
-Aligned rows (``_align``): a row whose class axis is contiguous is walked as a head of fewer than
-VEC columns, a body that starts on a 16-byte boundary, and a tail (``_softmax_row.py``), so the body
-gets 128-bit loads and stores whatever C is (GPT-2's 50257: every row starts somewhere else). The
-launcher tells the kernel VEC (elements per 16 bytes, or 1: no split) and, per operand, whether
-its rows are aligned exactly like the input's.
+Aligned rows (``_row_split``, ``_body_chunk``, ``_body_offsets``, ``_edge_chunk``; host side
+``_row_walk``, ``_rebase``, ``_aligned_like``): a row whose class axis is contiguous is walked as
+a head of fewer than VEC columns, a body that starts on a 16-byte boundary, and a tail, so the
+body gets 128-bit loads and stores whatever C is (GPT-2's 50257: every row starts somewhere
+else). The launcher tells the kernel VEC (elements per 16 bytes, or 1: plain chunks) and, per
+operand, whether its rows are aligned exactly like the input's (then VEC, else 1).
 
 Errors. A kernel that validates an index reports the first bad value through a 2-element int64
 error buffer under the interpreter (``_error_buffer`` / ``_report_error``: tl.device_assert is a
