@@ -2,8 +2,8 @@
 
 ``cross_entropy_fwd`` and ``cross_entropy_fwd_inplace`` take the arguments of the
 ``torch.ops.fusedloss_C`` schemas in csrc/registration.cpp; the per-row math mirrors
-csrc/include/fusedloss/cross_entropy.h. ``scale_grad_`` lives in scale_grad.py (loss-agnostic) and
-is re-exported here.
+csrc/include/fusedloss/cross_entropy.h. The upstream-gradient op ``scale_grad_`` is loss-agnostic:
+scale_grad.py.
 
 Design: the softmax-row skeleton (_softmax_row.py) plus the cross-entropy epilogue. The input is
 (N, C, D) with any strides; a row is one (n, d) position. A program owns a tile of BLOCK_ROWS rows
@@ -77,9 +77,8 @@ from ._softmax_row import (
     _softmax_row_stats,
     _target_logit,
 )
-from .scale_grad import scale_grad_  # noqa: F401  (re-exported: the loss-agnostic op)
 
-__all__ = ["cross_entropy_fwd", "cross_entropy_fwd_inplace", "scale_grad_"]
+__all__ = ["cross_entropy_fwd", "cross_entropy_fwd_inplace"]
 
 
 @triton.jit(debug=True)  # debug=True: tl.device_assert is compiled in (it is dropped otherwise)

@@ -196,7 +196,7 @@ def test_label_smoothing_large_offset_accuracy(backend, device, case):
 
 def _scale_grad(backend):
     if backend == "triton":
-        from fusedloss.kernels.cross_entropy import scale_grad_
+        from fusedloss.kernels.scale_grad import scale_grad_
         return scale_grad_
     return torch.ops.fusedloss_C.scale_grad_
 

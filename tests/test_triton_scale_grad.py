@@ -174,8 +174,3 @@ def test_shape_errors():
         S.scale_grad_(torch.zeros(3, 4, device=DEVICE), torch.ones(3, device=DEVICE))
     with pytest.raises(ValueError, match="grad_loss must have shape"):
         S.scale_grad_(torch.zeros(3, 4, 1, device=DEVICE), torch.ones(4, 1, device=DEVICE))
-
-
-def test_reexported_from_cross_entropy():
-    from fusedloss.kernels import cross_entropy
-    assert cross_entropy.scale_grad_ is S.scale_grad_
