@@ -18,12 +18,10 @@
 #include "cross_entropy_kernel.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
-#include <c10/util/Half.h>
 #include <fusedloss/cross_entropy.h>
+
+#include "vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -40,161 +38,6 @@
 
 namespace fusedloss::cpu::CPU_CAPABILITY {
 namespace {
-
-using at::vec::Vectorized;
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccOf<T>::type;
-
-// exp of arguments <= 0 (every exp here is of x - max). It need not propagate NaN: rows with a NaN
-// logit are caught through their lse instead (the lane max does propagate NaN).
-// float, AVX-512: n = round(x log2 e), r = x - n ln2 (Cody-Waite), exp(r) by ATen's degree-5
-// polynomial (|r| <= ln2/2: <= 2e-7 relative), times 2^n by scalef; 0 below -87 (no denormals).
-// Fewer instructions than Vectorized::exp_u20, which the other copies use (ATen's <= 20 ulp
-// version of the same polynomial); Sleef's 1-ulp exp for double.
-#if defined(CPU_CAPABILITY_AVX512)
-inline Vectorized<float> vexp(const Vectorized<float>& v) {
-  const __m512 x = v;
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00828929059f), r, _mm512_set1_ps(0.0418978221f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166676521f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.499991506f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.999999701f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_scalef_ps(keep, p, n);
-}
-#else
-inline Vectorized<float> vexp(const Vectorized<float>& v) { return v.exp_u20(); }
-#endif
-inline Vectorized<double> vexp(const Vectorized<double>& v) { return v.exp(); }
-
-template <typename V>
-inline V vmax(const V& a, const V& b) {
-  return at::vec::maximum(a, b);  // NaN-propagating
-}
-
-template <typename A>
-constexpr A kLowest = std::numeric_limits<A>::lowest();
-template <typename A>
-constexpr A kNaN = std::numeric_limits<A>::quiet_NaN();
-
-// ---------------------------------------------------------------------------------------------
-// Non-temporal ("streaming") stores of whole vectors, to kVecBytes-aligned addresses. A gradient
-// far larger than the caches is written once and not read again by this kernel: streamed, its
-// lines skip the read-for-ownership that an ordinary store does first (a third of the traffic)
-// and do not evict the row being read. Ordered by stream_fence() before the thread's work ends.
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int64_t kVecBytes = 64;
-inline void stream_vec(float* p, const Vectorized<float>& v) { _mm512_stream_ps(p, v); }
-inline void stream_vec(double* p, const Vectorized<double>& v) { _mm512_stream_pd(p, v); }
-template <typename T>  // BFloat16, Half
-inline void stream_vec(T* p, const Vectorized<T>& v) {
-  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
-}
-inline void stream_fence() { _mm_sfence(); }
-#elif defined(CPU_CAPABILITY_AVX2)
-constexpr int64_t kVecBytes = 32;
-inline void stream_vec(float* p, const Vectorized<float>& v) { _mm256_stream_ps(p, v); }
-inline void stream_vec(double* p, const Vectorized<double>& v) { _mm256_stream_pd(p, v); }
-template <typename T>
-inline void stream_vec(T* p, const Vectorized<T>& v) {
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
-}
-inline void stream_fence() { _mm_sfence(); }
-#else
-constexpr int64_t kVecBytes = 0;  // no streaming: the generic copy stores as usual
-template <typename T, typename V>
-inline void stream_vec(T* p, const V& v) {
-  v.store(p);
-}
-inline void stream_fence() {}
-#endif
-
-// Streaming pays off only for a gradient well beyond the last-level cache.
-constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
-
-// ---------------------------------------------------------------------------------------------
-// Loads and stores of T memory as pairs of accumulation vectors. A "pair" (2 * V::size()
-// elements) is one Vectorized<BFloat16/Half>, converted to two Vectorized<float>.
-
-template <typename T>
-struct IoBase {
-  using A = acc_t<T>;
-  using V = Vectorized<A>;
-  static constexpr int64_t kVec = V::size();
-  static constexpr int64_t kPair = 2 * kVec;
-  // n < kPair elements; the rest of the pair is 0.
-  static inline void load_n(const T* p, int64_t n, V& a, V& b) {
-    alignas(64) A buf[kPair];
-    for (int64_t i = 0; i < kPair; ++i) buf[i] = i < n ? static_cast<A>(p[i]) : A(0);
-    a = V::loadu(buf);
-    b = V::loadu(buf + kVec);
-  }
-  static inline void store_n(T* p, int64_t n, const V& a, const V& b) {
-    alignas(64) A buf[kPair];
-    a.store(buf);
-    b.store(buf + kVec);
-    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(buf[i]);
-  }
-};
-
-template <typename T>
-struct Io : IoBase<T> {  // float, double
-  using V = typename IoBase<T>::V;
-  static constexpr int64_t kVec = IoBase<T>::kVec;
-  static inline void load(const T* p, V& a, V& b) {
-    a = V::loadu(p);
-    b = V::loadu(p + kVec);
-  }
-  static inline void store(T* p, const V& a, const V& b) {
-    a.store(p);
-    b.store(p + kVec);
-  }
-  static inline void stream(T* p, const V& a, const V& b) {
-    stream_vec(p, a);
-    stream_vec(p + kVec, b);
-  }
-};
-
-template <typename T>
-struct IoReduced : IoBase<T> {  // BFloat16, Half
-  using V = Vectorized<float>;
-  static_assert(Vectorized<T>::size() == 2 * Vectorized<float>::size(), "pair layout");
-  static inline void load(const T* p, V& a, V& b) {
-    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
-  }
-  static inline void store(T* p, const V& a, const V& b) {
-    at::vec::convert_from_float<T>(a, b).store(p);
-  }
-  static inline void stream(T* p, const V& a, const V& b) {
-    stream_vec(p, at::vec::convert_from_float<T>(a, b));
-  }
-};
-template <>
-struct Io<c10::BFloat16> : IoReduced<c10::BFloat16> {};
-template <>
-struct Io<c10::Half> : IoReduced<c10::Half> {};
-
-template <typename V>
-inline typename V::value_type hsum(const V& v) {
-  alignas(64) typename V::value_type buf[V::size()];
-  v.store(buf);
-  typename V::value_type s = 0;
-  for (int64_t i = 0; i < V::size(); ++i) s += buf[i];
-  return s;
-}
 
 // A row's logsumexp, kept as its max m and log(sum exp(x - m)) too: p_c = exp((x_c - m) - log_s)
 // and lse - x_y = (m - x_y) + log_s keep their digits for large logits, where lse = m + log_s
@@ -227,13 +70,6 @@ inline Lse<A> merge_lanes(const Vectorized<A>& m, const Vectorized<A>& s) {
   for (int64_t l = 0; l < n; ++l) M = nan_max(M, mb[l]);
   if (std::isnan(M) || M == std::numeric_limits<A>::infinity()) return make_lse(M, A(0));
   return make_lse(M, hsum(s * vexp(m - Vectorized<A>(M))));  // all -inf row: S = 0
-}
-
-// Lane-wise ce::dev_rebase: a (relative to m, holding weight om) moved to the max mn >= m.
-template <typename V>
-inline V rebase(const V& a, const V& om, const V& m, const V& mn) {
-  const V zero(0);
-  return a + V::blendv(zero, om * (mn - m), (om != zero) & (mn > m));
 }
 
 // Elements per chunk of pass 1: read twice (max, then exp-sum) while in L1.
@@ -717,15 +553,6 @@ void with_sum_mode(const Ctx<A>& k, F&& f) {
   }
 }
 
-template <typename F>
-void with_bool(bool b, F&& f) {
-  if (b) {
-    f(std::true_type());
-  } else {
-    f(std::false_type());
-  }
-}
-
 // Softcap a contiguous buffer of acc values in place.
 template <typename A>
 void softcap_buffer(A* buf, int64_t C, A cap) {
@@ -780,11 +607,8 @@ void run_rows(const CrossEntropyArgs& a) {
   const int64_t grain = std::max<int64_t>(1, 32768 / C);
   // Stream a large gradient of its own (not in place: there the row was just read and is in
   // cache) whose rows all start vector-aligned.
-  const auto aligned = [](const void* p) {
-    return kVecBytes > 0 && reinterpret_cast<uintptr_t>(p) % kVecBytes == 0;
-  };
   k.stream = g != nullptr && g_direct && static_cast<const void*>(g) != a.input && D == 1 &&
-             aligned(g) && aligned(g + a.gr_sn) &&
+             stream_aligned(g) && stream_aligned(g + a.gr_sn) &&
              rows * C * int64_t(sizeof(T)) >= kStreamMinBytes;
 
   std::vector<A> lane_w;
@@ -1088,105 +912,10 @@ void cross_entropy_typed(const CrossEntropyArgs& a) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// scale_grad_: g == 0 ? 0 : g * s, so that a NaN / inf upstream gradient does not reach the zero
-// gradient of ignored rows (torch's is exactly 0 there).
-
-template <typename V>
-inline V scale_keep_zero(const V& g, const V& s) {
-  const V zero(0);
-  return V::blendv(g * s, zero, g == zero);
-}
-
-template <typename T, typename A>
-void scale_span(T* p, int64_t n, A s) {
-  using V = Vectorized<A>;
-  constexpr int64_t P = Io<T>::kPair;
-  const V vs(s);
-  int64_t i = 0;
-  for (; i + P <= n; i += P) {
-    V a0, a1;
-    Io<T>::load(p + i, a0, a1);
-    Io<T>::store(p + i, scale_keep_zero(a0, vs), scale_keep_zero(a1, vs));
-  }
-  if (i < n) {
-    V a0, a1;
-    Io<T>::load_n(p + i, n - i, a0, a1);
-    Io<T>::store_n(p + i, n - i, scale_keep_zero(a0, vs), scale_keep_zero(a1, vs));
-  }
-}
-
-template <typename T, typename A>
-void scale_span_by(T* p, int64_t n, const A* s) {
-  using V = Vectorized<A>;
-  constexpr int64_t P = Io<T>::kPair;
-  int64_t i = 0;
-  for (; i + P <= n; i += P) {
-    V a0, a1, s0, s1;
-    Io<T>::load(p + i, a0, a1);
-    Io<A>::load(s + i, s0, s1);
-    Io<T>::store(p + i, scale_keep_zero(a0, s0), scale_keep_zero(a1, s1));
-  }
-  if (i < n) {
-    V a0, a1, s0, s1;
-    Io<T>::load_n(p + i, n - i, a0, a1);
-    Io<A>::load_n(s + i, n - i, s0, s1);
-    Io<T>::store_n(p + i, n - i, scale_keep_zero(a0, s0), scale_keep_zero(a1, s1));
-  }
-}
-
-template <typename T>
-void scale_grad_typed(const ScaleGradArgs& a) {
-  using A = acc_t<T>;
-  T* g = static_cast<T*>(a.grad);
-  const int64_t N = a.N, C = a.C, D = a.D;
-  if (N * C * D == 0) return;
-  if (!a.grad_loss) {
-    const A s = static_cast<A>(a.scalar);
-    at::parallel_for(0, N * C * D, 32768, [&](int64_t b, int64_t e) { scale_span(g + b, e - b, s); });
-    return;
-  }
-  const A* gl = static_cast<const A*>(a.grad_loss);
-  if (D == 1) {
-    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / C), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) scale_span(g + r * C, C, gl[r]);
-    });
-    return;
-  }
-  at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / D), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) scale_span_by(g + i * D, D, gl + (i / C) * D);
-  });
-}
-
-template <template <typename> class F, typename Args>
-void by_dtype(c10::ScalarType t, const Args& a) {
-  switch (t) {
-    case c10::ScalarType::Float:
-      return F<float>::run(a);
-    case c10::ScalarType::Double:
-      return F<double>::run(a);
-    case c10::ScalarType::BFloat16:
-      return F<c10::BFloat16>::run(a);
-    case c10::ScalarType::Half:
-      return F<c10::Half>::run(a);
-    default:
-      TORCH_CHECK(false, "fusedloss CPU kernels: unsupported dtype ", t);
-  }
-}
-
-template <typename T>
-struct CrossEntropyF {
-  static void run(const CrossEntropyArgs& a) { cross_entropy_typed<T>(a); }
-};
-template <typename T>
-struct ScaleGradF {
-  static void run(const ScaleGradArgs& a) { scale_grad_typed<T>(a); }
-};
-
 }  // namespace
 
-void cross_entropy_kernel(const CrossEntropyArgs& args) { by_dtype<CrossEntropyF>(args.dtype, args); }
-
-void scale_grad_kernel(const ScaleGradArgs& args) { by_dtype<ScaleGradF>(args.dtype, args); }
+void cross_entropy_kernel(const CrossEntropyArgs& args) {
+  by_dtype(args.dtype, [&](auto tag) { cross_entropy_typed<decltype(tag)>(args); });
+}
 
 }  // namespace fusedloss::cpu::CPU_CAPABILITY
