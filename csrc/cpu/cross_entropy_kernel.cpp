@@ -71,6 +71,7 @@ struct IndexPolicy {
   static constexpr bool kStoreExp = true;
   static constexpr bool kGradReadsX = false;
   static constexpr bool kClassOperand = MODE == kSumWX;
+  static constexpr Aux kAux = Aux::kForGrad;  // p_y - 1, for the target column's gradient
   const A* class_operand;  // w (kSumWX)
   const A* lane_table;     // lane_sums(C, w) with smoothing
   CeCommon<A> k;
@@ -95,7 +96,12 @@ struct IndexPolicy {
       acc[0] = at::vec::fmadd(v.w, tail_mask<TAIL>(m - v.x, n), acc[0]);
     }
   }
-  void epilogue(const Row& rw, int64_t r, const Lse<A>& L, const A* sums, A xs_y,
+  // expm1(xs_y - lse) = p_y - 1, with xs_y - lse = (xs_y - m) - log_s (see ce::index_row_diff).
+  template <typename W>
+  W aux(const W& m, const W& log_s, const W& xs_y) const {
+    return vexpm1((xs_y - m) - log_s);
+  }
+  void epilogue(const Row& rw, int64_t r, const Lse<A>& L, const A* sums, A xs_y, A em1,
                 RowOut<A, kCoefs>& out) const {
     k.lse[r] = L.lse;
     if (rw.ignored) {
@@ -111,7 +117,7 @@ struct IndexPolicy {
     out.pscale = k.scale * ir.A;
     if constexpr (kCoefs > 0) out.k[0] = k.scale * ir.smooth;
     out.fix_col = rw.col;
-    out.fix_val = k.scale * ce::index_grad_target_diff(ir, -d, wy);
+    out.fix_val = k.scale * ce::index_grad_target_em1(ir, em1, wy);
   }
   // g_j = A p_j - (ls/C) w_j; the target column is fix_val.
   V grad(const V (&c)[1], const V& q, const Lanes<V>& v) const {
@@ -136,6 +142,7 @@ struct ProbPolicy {
   static constexpr bool kStoreExp = false;
   static constexpr bool kGradReadsX = false;
   static constexpr bool kClassOperand = HAS_W;
+  static constexpr Aux kAux = Aux::kNone;
   const A* class_operand;  // w (HAS_W)
   const A* lane_table = nullptr;
   CeCommon<A> k;
@@ -160,7 +167,11 @@ struct ProbPolicy {
     acc[0] = acc[0] + u;
     acc[1] = at::vec::fmadd(u, tail_mask<TAIL>(m - v.x, n), acc[1]);
   }
-  void epilogue(const Row&, int64_t r, const Lse<A>& L, const A* sums, A,
+  template <typename W>
+  W aux(const W&, const W&, const W& x) const {
+    return x;
+  }
+  void epilogue(const Row&, int64_t r, const Lse<A>& L, const A* sums, A, A,
                 RowOut<A, 0>& out) const {
     k.lse[r] = L.lse;
     const ce::ProbRow<A> pr = ce::prob_row<A>(L.lse, L.log_s, sums[0], sums[1], k.z);

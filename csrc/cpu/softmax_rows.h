@@ -33,6 +33,7 @@
 //     static constexpr bool kStoreExp = true;     // pass 2 from pass 1's exp values
 //     static constexpr bool kGradReadsX = false;  // grad() reads v.x
 //     static constexpr bool kClassOperand = false;  // reads class_operand, (C,), as v.w
+//     static constexpr Aux kAux = Aux::kNone;     // the epilogue's aux value (see Aux)
 //     const A* class_operand;                     // the (C,) operand (class weights), if read
 //     const A* lane_table;                        // lane_sums(C, w) for SumKind::kDevTable
 //     struct Row { int64_t col; bool ignored; ... };  // col: logit the epilogue reads (-1: none)
@@ -40,7 +41,9 @@
 //     template <bool TAIL>                        // add one vector's terms into acc; in the
 //     void sums(V (&acc)[kSums], const Lanes<V>& v, const V& m, int64_t n) const;
 //                                                 // tail of a row only lanes < n are columns
-//     void epilogue(const Row& row, int64_t r, const Lse<A>& L, const A* sums, A x_col,
+//     template <typename W>                       // W = A or V: written once for both
+//     W aux(const W& m, const W& log_s, const W& x_col) const;
+//     void epilogue(const Row& row, int64_t r, const Lse<A>& L, const A* sums, A x_col, A aux,
 //                   RowOut<A, kCoefs>& out) const;  // writes the row's outputs (loss, lse...)
 //                                                 // and fills out (out.want_grad: a gradient
 //                                                 // is wanted for this row)
@@ -76,6 +79,12 @@ namespace fusedloss::cpu::CPU_CAPABILITY {
 //   kDevTable: the same with omega the same for every row (class weights: sum_c w_c), read from
 //              the policy's lane_table (lane_sums(C, w)) instead of being summed per row.
 enum class SumKind { kPlain, kExp, kDev, kDevTable };
+
+// When the skeleton computes the policy's aux(m, log_s, x_col) for the epilogue: never, only for
+// rows whose gradient is computed, or always. A transcendental of the row's target logit (e.g.
+// expm1(x_y - lse) = p_y - 1) goes there, not into the epilogue: the spatial path evaluates it for
+// a whole tile of rows in one vector call.
+enum class Aux { kNone, kForGrad, kAlways };
 
 // A row's logsumexp, kept as its max m and log(sum exp(x - m)) too: p_c = exp((x_c - m) - log_s)
 // and lse - x_y = (m - x_y) + log_s keep their digits for large logits, where lse = m + log_s
@@ -201,6 +210,7 @@ struct LsePolicy {
   static constexpr bool kStoreExp = false;
   static constexpr bool kGradReadsX = false;
   static constexpr bool kClassOperand = false;
+  static constexpr Aux kAux = Aux::kNone;
   const A* class_operand = nullptr;
   const A* lane_table = nullptr;
   A* lse_out;
@@ -211,7 +221,11 @@ struct LsePolicy {
   Row row(int64_t) const { return {}; }
   template <bool TAIL>
   void sums(V (&)[1], const Lanes<V>&, const V&, int64_t) const {}
-  void epilogue(const Row&, int64_t r, const Lse<A>& L, const A*, A, RowOut<A, 0>&) const {
+  template <typename W>
+  W aux(const W&, const W&, const W& x_col) const {
+    return x_col;
+  }
+  void epilogue(const Row&, int64_t r, const Lse<A>& L, const A*, A, A, RowOut<A, 0>&) const {
     lse_out[r] = L.lse;
   }
   V grad(const V (&)[1], const V& q, const Lanes<V>&) const { return q; }
@@ -251,9 +265,11 @@ Lse<A> pass1(const P& pol, const X* x, const TT* t, int64_t C, A* sums_out, A* e
   const A* lane_w = pol.lane_table;
   V m(kLowest<A>);  // finite start: a lane that only sees -inf keeps s = 0 instead of NaN
   V s0(0), s1(0), s2(0), s3(0);
-  V tot[S];  // the sums of the chunks before, relative to m
+  V tot[S];     // the sums of the chunks before, relative to m
   V acc[4][S];  // this chunk's, one set per accumulator
-  for (int k = 0; k < S; ++k) tot[k] = V(0);
+  if constexpr (kS) {
+    for (int k = 0; k < S; ++k) tot[k] = V(0);
+  }
   auto reset = [&]() {
     for (int j = 0; j < 4; ++j)
       for (int k = 0; k < S; ++k) acc[j][k] = V(0);
@@ -473,9 +489,15 @@ void row(const P& pol, const typename P::Row& rw, int64_t r, const X* x, const T
                        : pass1<P, false>(pol, x, t, C, sums, static_cast<A*>(nullptr),
                                          static_cast<A*>(nullptr));
   const A x_col = rw.col >= 0 ? static_cast<A>(x[rw.col]) : A(0);
+  A aux = 0;
+  if constexpr (P::kAux == Aux::kAlways) {
+    aux = pol.aux(L.m, L.log_s, x_col);
+  } else if constexpr (P::kAux == Aux::kForGrad) {
+    if (grad) aux = pol.aux(L.m, L.log_s, x_col);
+  }
   RowOut<A, P::kCoefs> out;
   out.want_grad = grad;
-  pol.epilogue(rw, r, L, sums, x_col, out);
+  pol.epilogue(rw, r, L, sums, x_col, aux, out);
   if (!g) return;
   if (rw.ignored) {
     std::fill(g, g + C, O(0));
@@ -626,7 +648,7 @@ void run_spatial(const P& pol, const RowsLayout<T>& a) {
   at::parallel_for(0, N * tiles, grain, [&](int64_t i0, int64_t i1) {
     std::vector<A> xs(C * PR);              // staged (softcapped) logits, [c][lane]
     std::vector<A> es(g ? C * PR : 0);      // exp(x - m), [c][lane]
-    alignas(64) A mb[PR], sb[PR], lsb[PR], psb[PR], fixm[PR], fixv[PR];
+    alignas(64) A mb[PR], sb[PR], lsb[PR], psb[PR], fixm[PR], fixv[PR], xcb[PR], auxb[PR];
     alignas(64) A sumb[S][PR], kb[KC][PR];
     RowOut<A, P::kCoefs> outs[PR];
     typename P::Row rws[PR];
@@ -635,7 +657,10 @@ void run_spatial(const P& pol, const RowsLayout<T>& a) {
       const int64_t n = it / tiles, d0 = (it - n * tiles) * PR;
       const int64_t np = std::min(PR, D - d0);
       const int64_t row0 = n * D + d0;
-      for (int64_t l = 0; l < np; ++l) rws[l] = pol.row(row0 + l);
+      for (int64_t l = 0; l < PR; ++l) {
+        if (l >= np) break;
+        rws[l] = pol.row(row0 + l);
+      }
       auto load = [&](const T* p, V& v0, V& v1) {
         if (np == PR) {
           IO::load(p, v0, v1);
@@ -664,7 +689,9 @@ void run_spatial(const P& pol, const RowsLayout<T>& a) {
       }
       // Sums; the lane max m is final here, so they need no rebase.
       V s0(0), s1(0), ac0[S], ac1[S];
-      for (int k = 0; k < S; ++k) ac0[k] = ac1[k] = V(0);
+      if constexpr (P::kSums > 0) {
+        for (int k = 0; k < S; ++k) ac0[k] = ac1[k] = V(0);
+      }
       for (int64_t c = 0; c < C; ++c) {
         const V v0 = V::loadu(xs.data() + c * PR), v1 = V::loadu(xs.data() + c * PR + VS);
         const V e0 = vexp(v0 - m0), e1 = vexp(v1 - m1);
@@ -686,26 +713,42 @@ void run_spatial(const P& pol, const RowsLayout<T>& a) {
       m1.store(mb + VS);
       s0.store(sb);
       s1.store(sb + VS);
-      s0.log().store(lsb);
-      s1.log().store(lsb + VS);
-      for (int k = 0; k < S; ++k) {
-        ac0[k].store(sumb[k]);
-        ac1[k].store(sumb[k] + VS);
+      const V ls0 = s0.log(), ls1 = s1.log();
+      ls0.store(lsb);
+      ls1.store(lsb + VS);
+      if constexpr (P::kSums > 0) {
+        for (int k = 0; k < S; ++k) {
+          ac0[k].store(sumb[k]);
+          ac1[k].store(sumb[k] + VS);
+        }
+      }
+      for (int64_t l = 0; l < PR; ++l) {
+        xcb[l] = l < np && rws[l].col >= 0 ? xs[rws[l].col * PR + l] : A(0);
+      }
+      if constexpr (P::kAux == Aux::kAlways || P::kAux == Aux::kForGrad) {
+        if (P::kAux == Aux::kAlways || g != nullptr) {
+          pol.aux(m0, ls0, V::loadu(xcb)).store(auxb);
+          pol.aux(m1, ls1, V::loadu(xcb + VS)).store(auxb + VS);
+        }
       }
       // Per-lane row results and gradient coefficients.
       for (int64_t l = 0; l < PR; ++l) {
         psb[l] = fixm[l] = fixv[l] = 0;
-        for (int j = 0; j < KC; ++j) kb[j][l] = 0;
+        if constexpr (P::kCoefs > 0) {
+          for (int j = 0; j < KC; ++j) kb[j][l] = 0;
+        }
         outs[l] = RowOut<A, P::kCoefs>();
         if (l >= np) continue;
         const Lse<A> L = make_lse_log(mb[l], lsb[l]);
         A sl[S];
-        for (int k = 0; k < S; ++k) sl[k] = sumb[k][l];
+        if constexpr (P::kSums > 0) {
+          for (int k = 0; k < S; ++k) sl[k] = sumb[k][l];
+        }
         const auto& rw = rws[l];
-        const A x_col = rw.col >= 0 ? xs[rw.col * PR + l] : A(0);
         RowOut<A, P::kCoefs>& out = outs[l];
         out.want_grad = g != nullptr && !rw.ignored;
-        pol.epilogue(rw, row0 + l, L, sl, x_col, out);
+        pol.epilogue(rw, row0 + l, L, sl, xcb[l],
+                     P::kAux == Aux::kNone ? A(0) : auxb[l], out);
         if (rw.ignored) {
           fixm[l] = 1;
           fixv[l] = 0;

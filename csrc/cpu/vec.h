@@ -19,6 +19,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <fusedloss/common.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -75,6 +76,14 @@ inline Vectorized<float> vexp(const Vectorized<float>& v) {
 inline Vectorized<float> vexp(const Vectorized<float>& v) { return v.exp_u20(); }
 #endif
 inline Vectorized<double> vexp(const Vectorized<double>& v) { return v.exp(); }
+
+// expm1, scalar or lane-wise (Sleef's 1-ulp expm1), for code written once for both.
+inline float vexpm1(float x) { return fusedloss::fl_expm1(x); }
+inline double vexpm1(double x) { return fusedloss::fl_expm1(x); }
+template <typename A>
+inline Vectorized<A> vexpm1(const Vectorized<A>& v) {
+  return v.expm1();
+}
 
 // max that propagates NaN (lane-wise).
 template <typename V>
