@@ -12,8 +12,8 @@
 //     static constexpr bool kLoss = true;   // computes a per-element loss
 //     static constexpr bool kGrad = true;   // computes a per-element gradient
 //     // in[k]: lanes of operand k (in the order passed to elementwise(), converted to A);
-//     // set loss and/or grad for those lanes. Lanes past the end of a row hold operands 0
-//     // (their results are dropped and never summed), so the math must not trap on 0.
+//     // set loss and/or grad for those lanes. Lanes past the end of a row hold 0 or a
+//     // broadcast operand's value; their results are dropped and never summed.
 //     void operator()(const V (&in)[K], V& loss, V& grad) const;
 //   };
 //
@@ -229,19 +229,34 @@ A elementwise(const P& pol, EwShape shape, Reduction red, Strided<L> loss_out,
         L* lp = write_loss ? loss_out.p + row_off(loss_out.s) : nullptr;
         G* gp = write_grad ? grad_out.p + row_off(grad_out.s) : nullptr;
         const int64_t ls = loss_out.s[nd - 1], gs = grad_out.s[nd - 1];
-        auto step = [&](int64_t i, int64_t cnt, auto tail_tag) {
+        // One pair at inner index i (cnt < PAIR elements in the tail). FAST: every operand has
+        // inner stride 0 (bit j of MASK) or 1 and the outputs stride 1, known at compile time;
+        // otherwise each operand's stride is looked at per pair.
+        auto step = [&](int64_t i, int64_t cnt, auto tail_tag, auto fast_tag, auto mask_tag) {
           constexpr bool TAIL = decltype(tail_tag)::value;
+          constexpr bool FAST = decltype(fast_tag)::value;
+          constexpr int MASK = decltype(mask_tag)::value;
           V in_a[K], in_b[K];
           ew_detail::for_index<K>([&](auto j) {
             constexpr int J = decltype(j)::value;
-            std::get<J>(rd).template load<TAIL>(i, cnt, in_a[J], in_b[J]);
+            auto& r = std::get<J>(rd);
+            using RIO = typename std::decay_t<decltype(r)>::IO;
+            if constexpr (!FAST) {
+              r.template load<TAIL>(i, cnt, in_a[J], in_b[J]);
+            } else if constexpr ((MASK >> J) & 1) {
+              in_a[J] = in_b[J] = r.bcast;
+            } else if constexpr (TAIL) {
+              RIO::load_n(r.p + i, cnt, in_a[J], in_b[J]);
+            } else {
+              RIO::load(r.p + i, in_a[J], in_b[J]);
+            }
           });
-          V la(0), lb(0), ga(0), gb(0);
+          V la, lb, ga, gb;
           pol(in_a, la, ga);
           pol(in_b, lb, gb);
-          if (write_grad) ew_detail::write(gp, gs, i, cnt, TAIL, ga, gb);
+          if (write_grad) ew_detail::write(gp, FAST ? 1 : gs, i, cnt, TAIL, ga, gb);
           if constexpr (P::kLoss) {
-            if (write_loss) ew_detail::write(lp, ls, i, cnt, TAIL, la, lb);
+            if (write_loss) ew_detail::write(lp, FAST ? 1 : ls, i, cnt, TAIL, la, lb);
             if (sum) {
               if constexpr (TAIL) {
                 const int64_t n0 = std::min<int64_t>(cnt, VS);
@@ -252,10 +267,24 @@ A elementwise(const P& pol, EwShape shape, Reduction red, Strided<L> loss_out,
             }
           }
         };
-        int64_t i = i0;
-        const int64_t iend = i0 + n;
-        for (; i + PAIR <= iend; i += PAIR) step(i, PAIR, std::false_type());
-        if (i < iend) step(i, iend - i, std::true_type());
+        auto span = [&](auto fast_tag, auto mask_tag) {
+          int64_t i = i0;
+          const int64_t iend = i0 + n;
+          for (; i + PAIR <= iend; i += PAIR) step(i, PAIR, std::false_type(), fast_tag, mask_tag);
+          if (i < iend) step(i, iend - i, std::true_type(), fast_tag, mask_tag);
+        };
+        bool fast = (!write_grad || gs == 1) && (!write_loss || ls == 1);
+        int mask = 0;
+        ew_detail::for_index<K>([&](auto j) {
+          const int64_t s = std::get<decltype(j)::value>(rd).s;
+          if (s == 0) mask |= 1 << decltype(j)::value;
+          fast = fast && (s == 0 || s == 1);
+        });
+        if (fast) {
+          with_mode<(1 << K)>(mask, [&](auto m) { span(std::true_type(), m); });
+        } else {
+          span(std::false_type(), std::integral_constant<int, 0>());
+        }
         f += n;
         // Next row.
         idx[nd - 1] = 0;

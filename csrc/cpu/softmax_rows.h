@@ -254,7 +254,8 @@ struct RowScratch {
 // element operand t: the row's Lse and the policy's sums, reduced to the row's max (sums_out).
 // With STORE, e gets exp(x_c - m_chunk) (zero past C, up to a whole pair) and mc each chunk's max.
 template <typename P, bool STORE, typename X, typename TT, typename A>
-Lse<A> pass1(const P& pol, const X* x, const TT* t, int64_t C, A* sums_out, A* e, A* mc) {
+Lse<A> pass1(const P& pol_, const X* x, const TT* t, int64_t C, A* sums_out, A* e, A* mc) {
+  const P pol = pol_;  // a local copy: its constants stay in registers through the loops
   using V = Vectorized<A>;
   using IO = Io<X>;
   constexpr int64_t PR = IO::kPair;
@@ -408,8 +409,9 @@ Lse<A> pass1(const P& pol, const X* x, const TT* t, int64_t C, A* sums_out, A* e
 // softcapped logit), q_c = pscale * p_c, from pass 1's exp values e and chunk maxima mc
 // (STORED) or recomputed from x.
 template <typename P, bool STORED, bool CAPPED, typename X, typename TT, typename O, typename A>
-void pass2(const P& pol, const X* x, const TT* t, const A* e, const A* mc, O* g, int64_t C,
+void pass2(const P& pol_, const X* x, const TT* t, const A* e, const A* mc, O* g, int64_t C,
            const Lse<A>& L, const RowOut<A, P::kCoefs>& out, A cap, bool stream) {
+  const P pol = pol_;  // a local copy: its constants stay in registers through the loops
   using V = Vectorized<A>;
   constexpr int64_t PR = Io<O>::kPair;
   constexpr int64_t VS = V::size();
@@ -627,7 +629,7 @@ constexpr int64_t kPrefetchTiles = 4;
 // tile's logits are staged (converted, softcapped) as [c][lane], the max is taken first, so the
 // sums need no rescale.
 template <typename P, typename T>
-void run_spatial(const P& pol, const RowsLayout<T>& a) {
+void run_spatial(const P& pol_, const RowsLayout<T>& a) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   using IO = Io<T>;
@@ -640,12 +642,13 @@ void run_spatial(const P& pol, const RowsLayout<T>& a) {
   const T* x = a.x;
   T* g = a.g;
   const T* tp = a.t;
-  const A* w = pol.class_operand;
+  const A* w = pol_.class_operand;
   const bool capped = a.softcap > 0;
   const A cap = capped ? static_cast<A>(a.softcap) : A(0);
   const int64_t grain = std::max<int64_t>(1, 16384 / (C * PR));
 
   at::parallel_for(0, N * tiles, grain, [&](int64_t i0, int64_t i1) {
+    const P pol = pol_;  // a local copy: its constants stay in registers through the loops
     std::vector<A> xs(C * PR);              // staged (softcapped) logits, [c][lane]
     std::vector<A> es(g ? C * PR : 0);      // exp(x - m), [c][lane]
     alignas(64) A mb[PR], sb[PR], lsb[PR], psb[PR], fixm[PR], fixv[PR], xcb[PR], auxb[PR];
