@@ -7,16 +7,10 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <mutex>
 #include <optional>
-#include <string>
 #include <tuple>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
+#include "buffers.h"
 #include "cpu_isa.h"
 #include "cross_entropy_kernel.h"
 
@@ -24,79 +18,6 @@ namespace fusedloss::cpu {
 namespace {
 
 using at::Tensor;
-
-at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-bool supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-// A large buffer about to be written for the first time: back it with transparent huge pages where
-// the system allows it on request (THP "madvise" mode). Faulting in 4 KiB pages costs about as much
-// as the whole cross-entropy kernel for a 500 MB gradient. Harmless if it fails.
-void advise_huge_pages(const Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kMinBytes = uintptr_t(4) << 20;
-  const uintptr_t nbytes = static_cast<uintptr_t>(t.nbytes());
-  static const bool off = [] {
-    const char* v = std::getenv("FUSEDLOSS_CPU_HUGEPAGES");
-    return v != nullptr && std::string(v) == "0";
-  }();
-  if (off || nbytes < kMinBytes) return;
-  const uintptr_t page = 4096;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t b = (p + page - 1) & ~(page - 1);
-  const uintptr_t e = (p + nbytes) & ~(page - 1);
-  if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
-// How a new gradient buffer is obtained (FUSEDLOSS_CPU_GRAD_BUFFER, read once):
-//  - "reuse" (default): the previous call's gradient buffer is handed out again when nothing but
-//    this cache still holds it (the training step that used it has finished with it) and it has
-//    the same shape and dtype; otherwise a fresh one is allocated and cached. glibc returns a
-//    large freed buffer to the OS at once, so a fresh one page-faults in anew on every call (about
-//    as much time as the kernel, and far more in a process whose memory is fragmented); torch's
-//    CPU allocator has no cache. Costs one gradient's worth of memory held between calls.
-//  - "fresh": always a new buffer (advised to huge pages unless FUSEDLOSS_CPU_HUGEPAGES=0).
-// Buffers below 4 MiB always come fresh: glibc serves those from its heap without faults.
-enum class GradBuffer { kReuse, kFresh };
-
-GradBuffer grad_buffer_mode() {
-  static const GradBuffer mode = [] {
-    const char* v = std::getenv("FUSEDLOSS_CPU_GRAD_BUFFER");
-    return v != nullptr && std::string(v) == "fresh" ? GradBuffer::kFresh : GradBuffer::kReuse;
-  }();
-  return mode;
-}
-
-Tensor new_grad_buffer(int64_t N, int64_t C, int64_t D, const at::TensorOptions& opts) {
-  constexpr int64_t kMinBytes = int64_t(4) << 20;
-  const int64_t nbytes = N * C * D * static_cast<int64_t>(c10::elementSize(
-      c10::typeMetaToScalarType(opts.dtype())));
-  if (grad_buffer_mode() == GradBuffer::kFresh || nbytes < kMinBytes) {
-    Tensor g = at::empty({N, C, D}, opts);
-    advise_huge_pages(g);
-    return g;
-  }
-  static std::mutex mu;
-  static Tensor& cached = *new Tensor();  // never destroyed: no teardown order at exit
-  std::lock_guard<std::mutex> lock(mu);
-  // use_count 1 on both the tensor and its storage: no other tensor, view or autograd buffer
-  // refers to the memory, so handing it out again cannot be observed.
-  if (cached.defined() && cached.use_count() == 1 && cached.storage().use_count() == 1 &&
-      cached.dtype() == opts.dtype() && cached.sizes() == at::IntArrayRef({N, C, D})) {
-    return at::alias(cached);  // a new tensor on the same storage, no autograd state carried
-  }
-  cached = Tensor();  // release the old one first: never two cached buffers at once
-  cached = at::empty({N, C, D}, opts);
-  advise_huge_pages(cached);
-  return at::alias(cached);
-}
 
 // Tensors kept alive (contiguous copies) for the duration of a kernel call.
 struct Prepared {
@@ -223,7 +144,8 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd_cpu(
   Tensor lse = at::empty({p.args.N, p.args.D}, acc);
   Tensor grad;
   if (compute_grad) {
-    grad = new_grad_buffer(p.args.N, p.args.C, p.args.D, input.options());
+    static GradBufferSlot& slot = *new GradBufferSlot();  // never destroyed: no exit order
+    grad = slot.get({p.args.N, p.args.C, p.args.D}, input.options());
     set_grad(p.args, grad);
   } else {
     grad = at::empty({0}, input.options());
@@ -259,54 +181,6 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_inplace_cpu(
   return {loss, lse};
 }
 
-void scale_grad_cpu(const Tensor& grad, const Tensor& grad_loss) {
-  TORCH_CHECK(grad.device().is_cpu() && grad_loss.device().is_cpu(),
-              "scale_grad_: grad and grad_loss must be CPU tensors");
-  TORCH_CHECK(grad.dim() == 3, "scale_grad_: grad must have shape (N, C, D), got ", grad.sizes());
-  TORCH_CHECK(supported_dtype(grad.scalar_type()),
-              "scale_grad_: grad must be float32, float16, bfloat16 or float64, got ",
-              grad.scalar_type());
-  const int64_t N = grad.size(0), C = grad.size(1), D = grad.size(2);
-  TORCH_CHECK(grad_loss.dim() == 2 && grad_loss.size(0) == N && grad_loss.size(1) == D,
-              "scale_grad_: grad_loss must have shape (N, D) = (", N, ", ", D, "), got ",
-              grad_loss.sizes());
-  TORCH_CHECK(grad_loss.scalar_type() == at::kFloat || grad_loss.scalar_type() == at::kDouble,
-              "scale_grad_: grad_loss must be float32 or float64, got ", grad_loss.scalar_type());
-  if (grad.numel() == 0) return;
-  const at::ScalarType acc = acc_type(grad.scalar_type());
-  const bool scalar = grad_loss.numel() == 1 || (grad_loss.stride(0) == 0 && grad_loss.stride(1) == 0);
-  ScaleGradArgs a{};
-  a.dtype = grad.scalar_type();
-  a.N = N;
-  a.C = C;
-  a.D = D;
-  Tensor gl;
-  if (scalar) {
-    // The scalar lives on the host: read it, and skip the pass over grad when it is 1.
-    a.scalar = grad_loss.scalar_type() == at::kDouble
-                   ? *grad_loss.const_data_ptr<double>()
-                   : static_cast<double>(*grad_loss.const_data_ptr<float>());
-    if (acc == at::kFloat) a.scalar = static_cast<float>(a.scalar);
-    if (a.scalar == 1.0) return;
-    if (!grad.is_contiguous()) {
-      const Tensor zero = grad == 0;  // stays 0 (see the kernel's scale_keep_zero)
-      grad.mul_(a.scalar).masked_fill_(zero, 0);
-      return;
-    }
-  } else {
-    gl = grad_loss.to(acc).contiguous();
-    if (!grad.is_contiguous()) {
-      const Tensor zero = grad == 0;
-      // computed in gl's dtype (float32 for half grads), rounded once
-      grad.mul_(gl.unsqueeze(1)).masked_fill_(zero, 0);
-      return;
-    }
-    a.grad_loss = gl.const_data_ptr();
-  }
-  a.grad = grad.data_ptr();
-  FL_CPU_DISPATCH(scale_grad_kernel, a);
-}
-
 Tensor cross_entropy_mean_scale_cpu(const Tensor& target, const std::optional<Tensor>& weight,
                                     int64_t ignore_index, at::ScalarType dtype) {
   check_cpu(target, "target");
@@ -340,6 +214,5 @@ Tensor cross_entropy_mean_scale_cpu(const Tensor& target, const std::optional<Te
 TORCH_LIBRARY_IMPL(fusedloss_C, CPU, m) {
   m.impl("cross_entropy_fwd", &fusedloss::cpu::cross_entropy_fwd_cpu);
   m.impl("cross_entropy_fwd_inplace", &fusedloss::cpu::cross_entropy_fwd_inplace_cpu);
-  m.impl("scale_grad_", &fusedloss::cpu::scale_grad_cpu);
   m.impl("cross_entropy_mean_scale", &fusedloss::cpu::cross_entropy_mean_scale_cpu);
 }

@@ -30,21 +30,11 @@ struct CrossEntropyArgs {
   void* lse;   // (N, D) contiguous, accumulation dtype
 };
 
-// grad (N, C, D), contiguous, *= grad_loss (N, D) broadcast over C, or *= scalar.
-struct ScaleGradArgs {
-  c10::ScalarType dtype;  // grad's dtype; grad_loss has the accumulation dtype
-  void* grad;
-  int64_t N, C, D;
-  const void* grad_loss;  // (N, D) contiguous; nullptr: multiply by `scalar`
-  double scalar;
-};
-
 }  // namespace fusedloss::cpu
 
 #define FUSEDLOSS_DECLARE_CE_KERNELS(ISA)                          \
   namespace fusedloss::cpu::ISA {                                  \
   void cross_entropy_kernel(const ::fusedloss::cpu::CrossEntropyArgs& args); \
-  void scale_grad_kernel(const ::fusedloss::cpu::ScaleGradArgs& args);       \
   }
 
 FUSEDLOSS_DECLARE_CE_KERNELS(DEFAULT)
