@@ -47,4 +47,9 @@ TORCH_LIBRARY(fusedloss_C, m) {
   // grad (N, C, D) *= grad_loss (N, D) broadcast over C. grad_loss may be an expanded (stride 0)
   // tensor: then it is one scalar, and a scalar equal to 1 leaves grad untouched (no pass over it).
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_loss) -> ()");
+  // The softmax-row skeleton's lse-only policy: the logsumexp over C of each row of input (N, C, D),
+  // any strides, of the softcapped logits (softcap <= 0: off), as an (N, D) tensor of the
+  // accumulation dtype; one read of the logits (fusedloss.distributed's partial logsumexp). NaN for
+  // a row with a NaN or +inf logit, as cross_entropy_fwd's lse.
+  m.def("logsumexp_fwd(Tensor input, float softcap) -> Tensor");
 }

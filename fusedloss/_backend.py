@@ -41,6 +41,7 @@ OPS = {
     "cross_entropy": ("cross_entropy_fwd", "cross_entropy"),
     "linear_cross_entropy": ("cross_entropy_fwd_inplace", "cross_entropy"),
     "scale_grad": ("scale_grad_", "scale_grad"),
+    "logsumexp": ("logsumexp_fwd", "logsumexp"),
 }
 
 

@@ -130,7 +130,8 @@ def vocab_parallel_cross_entropy(
     if dist.get_rank(group) < 0:
         raise ValueError("group: this process is not a member of the given process group")
 
-    backend = _backend.resolve("auto", input.device) if input.shape[1] > 0 else "reference"
+    backend = ("reference" if input.shape[1] == 0 else
+               _backend.resolve("auto", input.device, "logsumexp"))
     loss, valid = _VocabParallelCrossEntropy.apply(input, target, group, ignore_index,
                                                    label_smoothing, z_loss, backend)
     if reduction == "none":
@@ -148,11 +149,8 @@ def _local_lse(input: Tensor, backend: str, acc: torch.dtype) -> Tensor:
         return torch.full((n,), float("-inf"), dtype=acc, device=input.device)
     if backend == "reference":
         return torch.logsumexp(input.to(acc), dim=1)
-    # Every row "ignored": the fused kernel only computes the logsumexp (one read of the logits).
-    t = torch.full((n, 1), _NOT_LOCAL, dtype=torch.int64, device=input.device)
-    _, lse, _ = torch.ops.fusedloss.cross_entropy_fwd(input.unsqueeze(2), t, None, None,
-                                                       _NOT_LOCAL, 0.0, 0.0, 0.0, False, backend)
-    return lse.reshape(n)
+    # The softmax-row skeleton's lse-only kernel: one read of the logits.
+    return torch.ops.fusedloss.logsumexp_fwd(input.unsqueeze(2), 0.0, backend).reshape(n)
 
 
 def _check_targets(target: Tensor, vocab: Tensor, ignore_index: int) -> None:

@@ -4,5 +4,6 @@
 from . import (  # noqa: F401  (importing them registers the fusedloss:: custom ops)
     cross_entropy,
     linear_cross_entropy,
+    logsumexp,
     scale_grad,
 )
