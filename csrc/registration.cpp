@@ -12,18 +12,18 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fusedloss_C, m) {
   // input: (N, C, D), any strides; target: int64 (N, D) class indices or input-shaped (N, C, D)
-  // probabilities; weight: (C,) in the accumulation dtype; grad_scale: 0-d, multiplies every row's
+  // probabilities; weight: (C,) in the accumulation dtype; loss_scale: 0-d, multiplies every row's
   // loss and gradient. Returns per-row loss and lse (N, D) in the accumulation dtype (float32, or
   // float64 for float64 input) and, with compute_grad, d(loss)/d(input) as a contiguous (N, C, D)
   // tensor of input's dtype (else an empty tensor). softcap <= 0 means off.
   m.def(
-      "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? grad_scale, "
+      "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? loss_scale, "
       "int ignore_index, float label_smoothing, float z_loss, float softcap, bool compute_grad) "
       "-> (Tensor loss, Tensor lse, Tensor grad)");
   // As cross_entropy_fwd with compute_grad, but the gradient overwrites input (same strides).
   m.def(
       "cross_entropy_fwd_inplace(Tensor(a!) input, Tensor target, Tensor? weight, "
-      "Tensor? grad_scale, int ignore_index, float label_smoothing, float z_loss, float softcap) "
+      "Tensor? loss_scale, int ignore_index, float label_smoothing, float z_loss, float softcap) "
       "-> (Tensor loss, Tensor lse)");
   // The whole eager cross-entropy in one call, autograd included (csrc/autograd/cross_entropy.cpp):
   // input (N, C, d...) or (C,) and target exactly as fusedloss.cross_entropy takes them (checked
@@ -42,7 +42,7 @@ TORCH_LIBRARY(fusedloss_C, m) {
   // target is ignored: torch's NaN mean). Out-of-range targets add nothing (the loss kernel rejects
   // them). One call instead of three small ops: it runs on every 'mean' loss.
   m.def(
-      "cross_entropy_mean_scale(Tensor target, Tensor? weight, int ignore_index, "
+      "cross_entropy_mean_factor(Tensor target, Tensor? weight, int ignore_index, "
       "ScalarType dtype) -> Tensor");
   // grad (N, C, D) *= grad_loss (N, D) broadcast over C. grad_loss may be an expanded (stride 0)
   // tensor: then it is one scalar, and a scalar equal to 1 leaves grad untouched (no pass over it).

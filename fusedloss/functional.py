@@ -263,7 +263,7 @@ def _mean_factor(target: Tensor, weight: Optional[Tensor], ignore_index: int, ro
                           device=target.device)
     if _eager_c_op(backend):
         # fusedloss._C: one call instead of three small ops (it runs on every 'mean' loss)
-        return _c_op("cross_entropy_mean_scale")(target, weight, ignore_index, acc)
+        return _c_op("cross_entropy_mean_factor")(target, weight, ignore_index, acc)
     valid = target != ignore_index
     if weight is None:
         total = valid.sum(dtype=acc)

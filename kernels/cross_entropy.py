@@ -86,7 +86,7 @@ def _cross_entropy_fwd_kernel(
     x_ptr, x_offset, x_stride_n, x_stride_c, x_stride_d,
     target_ptr, target_offset, target_stride_n, target_stride_c, target_stride_d,
     weight_ptr,
-    grad_scale_ptr,
+    loss_scale_ptr,
     loss_ptr, lse_ptr,
     grad_ptr, grad_offset, grad_stride_n, grad_stride_c, grad_stride_d,
     err_ptr,
@@ -124,7 +124,7 @@ def _cross_entropy_fwd_kernel(
     if HAS_Z_LOSS:
         z = tl.full([], z_loss, ACC_DTYPE)
     if HAS_SCALE:
-        scale = tl.load(grad_scale_ptr).to(ACC_DTYPE)
+        scale = tl.load(loss_scale_ptr).to(ACC_DTYPE)
     else:
         scale = one
 
@@ -234,7 +234,7 @@ def _block_cap(dtype, vec, prob, weight, smoothing, softcap):
     return 16384
 
 
-def _launch(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+def _launch(input, target, weight, loss_scale, ignore_index, label_smoothing, z_loss, softcap,
             grad, compute_grad):
     if input.dim() != 3:
         raise ValueError(f"cross_entropy: input must be (N, C, D), got shape {tuple(input.shape)}")
@@ -292,7 +292,7 @@ def _launch(input, target, weight, grad_scale, ignore_index, label_smoothing, z_
             x, x_off, xs[0], input.stride(1), xs[1],
             t, t_off, ts[0], ts_c, ts[1],
             weight,
-            grad_scale,
+            loss_scale,
             loss, lse,
             g, g_off, gs[0], gs_c, gs[1],
             err,
@@ -311,7 +311,7 @@ def _launch(input, target, weight, grad_scale, ignore_index, label_smoothing, z_
             HAS_SMOOTHING=label_smoothing > 0.0,
             HAS_Z_LOSS=z_loss != 0.0,
             HAS_SOFTCAP=softcap > 0.0,
-            HAS_SCALE=grad_scale is not None,
+            HAS_SCALE=loss_scale is not None,
             COMPUTE_GRAD=compute_grad,
             REPORT_ERRORS=report,
             EMULATE_RTNE=_INTERPRETED,
@@ -322,7 +322,7 @@ def _launch(input, target, weight, grad_scale, ignore_index, label_smoothing, z_
     return loss, lse
 
 
-def cross_entropy_fwd(input, target, weight, grad_scale, ignore_index: int, label_smoothing: float,
+def cross_entropy_fwd(input, target, weight, loss_scale, ignore_index: int, label_smoothing: float,
                       z_loss: float, softcap: float, compute_grad: bool):
     """Per-row loss and lse (N, D) in the accumulation dtype and, with compute_grad, the gradient
     of their sum as a new contiguous (N, C, D) tensor of input's dtype (else an empty tensor)."""
@@ -330,13 +330,13 @@ def cross_entropy_fwd(input, target, weight, grad_scale, ignore_index: int, labe
         grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     else:
         grad = torch.empty((0,), dtype=input.dtype, device=input.device)
-    loss, lse = _launch(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
+    loss, lse = _launch(input, target, weight, loss_scale, ignore_index, label_smoothing, z_loss,
                         softcap, grad, compute_grad)
     return loss, lse, grad
 
 
-def cross_entropy_fwd_inplace(input, target, weight, grad_scale, ignore_index: int,
+def cross_entropy_fwd_inplace(input, target, weight, loss_scale, ignore_index: int,
                               label_smoothing: float, z_loss: float, softcap: float):
     """cross_entropy_fwd with compute_grad, but the gradient overwrites input (its own strides)."""
-    return _launch(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
+    return _launch(input, target, weight, loss_scale, ignore_index, label_smoothing, z_loss,
                    softcap, input, True)

@@ -232,8 +232,8 @@ def _ce_ops(device, backend):
                 out.append((c_ops.cross_entropy_loss, args))
                 out.append((c_ops.cross_entropy_loss_inplace,
                             (x4.clone().requires_grad_() * 1,) + args[1:]))
-        out.append((c_ops.cross_entropy_mean_scale, (t4, None, -100, torch.float32)))
-        out.append((c_ops.cross_entropy_mean_scale,
+        out.append((c_ops.cross_entropy_mean_factor, (t4, None, -100, torch.float32)))
+        out.append((c_ops.cross_entropy_mean_factor,
                     (t4, torch.rand(5, device=device), -100, torch.float64)))
     return out
 

@@ -50,7 +50,7 @@ GRAD_TOL = {torch.float64: (1e-9, 1e-12), torch.float32: (1e-4, 1e-6),
             torch.float16: (2e-3, 1e-6), torch.bfloat16: (1.6e-2, 1e-6)}
 
 
-def expected(x, t, weight=None, grad_scale=None, ignore_index=-100, ls=0.0, z=0.0, softcap=0.0):
+def expected(x, t, weight=None, loss_scale=None, ignore_index=-100, ls=0.0, z=0.0, softcap=0.0):
     """Per-row loss, lse and d(sum of loss)/dx in float64, from F.cross_entropy."""
     x64 = x.detach().double().requires_grad_(True)
     xs = softcap * torch.tanh(x64 / softcap) if softcap > 0 else x64
@@ -65,8 +65,8 @@ def expected(x, t, weight=None, grad_scale=None, ignore_index=-100, ls=0.0, z=0.
         keep = t != ignore_index
         wy = torch.ones_like(lse) if w is None else w[t.clamp(0, x.shape[1] - 1)]
         loss = loss + torch.where(keep, z * wy * lse**2, torch.zeros_like(lse))
-    if grad_scale is not None:
-        loss = loss * grad_scale.double()
+    if loss_scale is not None:
+        loss = loss * loss_scale.double()
     (g,) = torch.autograd.grad(loss.sum(), x64)
     return loss.detach(), lse.detach(), g
 

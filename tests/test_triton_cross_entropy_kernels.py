@@ -60,7 +60,7 @@ def small_blocks(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-def oracle(x, target, weight=None, grad_scale=None, ignore_index=-100, ls=0.0, z=0.0, softcap=0.0):
+def oracle(x, target, weight=None, loss_scale=None, ignore_index=-100, ls=0.0, z=0.0, softcap=0.0):
     x64 = x.detach().cpu().double().requires_grad_(True)
     N, C, D = x64.shape
     xs = softcap * torch.tanh(x64 / softcap) if softcap > 0 else x64
@@ -80,15 +80,15 @@ def oracle(x, target, weight=None, grad_scale=None, ignore_index=-100, ls=0.0, z
         if ls > 0:
             loss = loss + ls / C * (w.sum() * lse - (w[None, :, None] * xs).sum(1))
         loss = torch.where(ignored, torch.zeros_like(loss), loss)
-    if grad_scale is not None:
-        loss = loss * grad_scale.cpu().double()
+    if loss_scale is not None:
+        loss = loss * loss_scale.cpu().double()
     (grad,) = torch.autograd.grad(loss.sum(), x64)
     return loss.detach(), lse.detach(), grad
 
 
-def run_fwd(x, target, weight=None, grad_scale=None, ignore_index=-100, ls=0.0, z=0.0,
+def run_fwd(x, target, weight=None, loss_scale=None, ignore_index=-100, ls=0.0, z=0.0,
             softcap=0.0, compute_grad=True):
-    return K.cross_entropy_fwd(x, target, weight, grad_scale, ignore_index, ls, z, softcap,
+    return K.cross_entropy_fwd(x, target, weight, loss_scale, ignore_index, ls, z, softcap,
                                compute_grad)
 
 
@@ -187,10 +187,10 @@ FEATURES = {
     "ignore_in_range": dict(ignore=True, ignore_index=2, weight=True, ls=0.1),
     "z_loss": dict(z=1e-2, weight=True),
     "softcap": dict(softcap=2.5),
-    "grad_scale": dict(grad_scale=0.125, ignore=True),
-    "everything": dict(weight=True, ignore=True, ls=0.1, z=1e-3, softcap=4.0, grad_scale=0.5),
+    "loss_scale": dict(loss_scale=0.125, ignore=True),
+    "everything": dict(weight=True, ignore=True, ls=0.1, z=1e-3, softcap=4.0, loss_scale=0.5),
     "prob": dict(prob=True),
-    "prob_everything": dict(prob=True, weight=True, ls=0.2, z=1e-2, softcap=3.0, grad_scale=2.0),
+    "prob_everything": dict(prob=True, weight=True, ls=0.2, z=1e-2, softcap=3.0, loss_scale=2.0),
 }
 
 
@@ -210,8 +210,8 @@ def feature_args(spec, N, C, D, dtype, y):
     for k in ("ls", "z", "softcap"):
         if k in spec:
             kw[k] = spec[k]
-    if "grad_scale" in spec:
-        kw["grad_scale"] = torch.tensor(spec["grad_scale"], dtype=acc, device=DEVICE)
+    if "loss_scale" in spec:
+        kw["loss_scale"] = torch.tensor(spec["loss_scale"], dtype=acc, device=DEVICE)
     return target, kw
 
 
@@ -304,7 +304,7 @@ def test_inplace_with_features(name):
     loss, lse, grad = run_fwd(x, target, **kw)
     xt = x.transpose(0, 2).clone().transpose(0, 2)  # same values, non-contiguous
     loss_i, lse_i = K.cross_entropy_fwd_inplace(
-        xt, target, kw.get("weight"), kw.get("grad_scale"), kw.get("ignore_index", -100),
+        xt, target, kw.get("weight"), kw.get("loss_scale"), kw.get("ignore_index", -100),
         kw.get("ls", 0.0), kw.get("z", 0.0), kw.get("softcap", 0.0))
     assert torch.equal(loss_i, loss) and torch.equal(lse_i, lse) and torch.equal(xt, grad)
 
@@ -396,7 +396,7 @@ def test_all_ignored_mean_is_nan_with_zero_grad():
     x, y = make(3, 70, 1, torch.float32)
     y.fill_(-100)
     inf = torch.tensor(float("inf"), device=DEVICE)
-    loss, lse, grad = run_fwd(x, y, grad_scale=inf)
+    loss, lse, grad = run_fwd(x, y, loss_scale=inf)
     assert loss.isnan().all() and torch.isfinite(lse).all() and (grad == 0).all()
 
 

@@ -66,10 +66,10 @@ std::tuple<Tensor, Tensor> kernel_fwd_inplace(const Tensor& x, const Tensor& t,
   return op.call(x, t, w, scale, ii, ls, z, cap);
 }
 
-Tensor mean_scale(const Tensor& t, const std::optional<Tensor>& w, int64_t ii, at::ScalarType acc) {
+Tensor mean_factor(const Tensor& t, const std::optional<Tensor>& w, int64_t ii, at::ScalarType acc) {
   static const auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fusedloss_C::cross_entropy_mean_scale", "")
+          .findSchemaOrThrow("fusedloss_C::cross_entropy_mean_factor", "")
           .typed<Tensor(const Tensor&, const std::optional<Tensor>&, int64_t, at::ScalarType)>();
   return op.call(t, w, ii, acc);
 }
@@ -132,7 +132,7 @@ std::optional<Tensor> scale_for(const Canonical& c, int64_t reduction, int64_t i
                           : std::numeric_limits<double>::infinity();
     return at::scalar_tensor(s, c.x.options().dtype(c.acc));
   }
-  return mean_scale(c.t, c.w, ii, c.acc);
+  return mean_factor(c.t, c.w, ii, c.acc);
 }
 
 // A tensor whose data this code can read: real memory, not a fake or functional tensor of a

@@ -31,7 +31,7 @@ void check_cpu(const Tensor& t, const char* name) {
 }
 
 Prepared prepare(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-                 const std::optional<Tensor>& grad_scale, int64_t ignore_index,
+                 const std::optional<Tensor>& loss_scale, int64_t ignore_index,
                  double label_smoothing, double z_loss, double softcap) {
   check_cpu(input, "input");
   check_cpu(target, "target");
@@ -97,14 +97,14 @@ Prepared prepare(const Tensor& input, const Tensor& target, const std::optional<
     a.weight_sum = C > 0 ? p.weight.sum(at::kDouble).item<double>() : 0.0;
   }
 
-  a.grad_scale = 1.0;
-  if (grad_scale.has_value() && grad_scale->defined()) {
-    check_cpu(*grad_scale, "grad_scale");
-    TORCH_CHECK(grad_scale->numel() == 1, "cross_entropy: grad_scale must be a 0-d tensor, got "
-                "shape ", grad_scale->sizes());
-    TORCH_CHECK(grad_scale->scalar_type() == acc, "cross_entropy: grad_scale must be ", acc,
-                ", got ", grad_scale->scalar_type());
-    a.grad_scale = grad_scale->item<double>();
+  a.loss_scale = 1.0;
+  if (loss_scale.has_value() && loss_scale->defined()) {
+    check_cpu(*loss_scale, "loss_scale");
+    TORCH_CHECK(loss_scale->numel() == 1, "cross_entropy: loss_scale must be a 0-d tensor, got "
+                "shape ", loss_scale->sizes());
+    TORCH_CHECK(loss_scale->scalar_type() == acc, "cross_entropy: loss_scale must be ", acc,
+                ", got ", loss_scale->scalar_type());
+    a.loss_scale = loss_scale->item<double>();
   }
   a.ignore_index = ignore_index;
   a.label_smoothing = label_smoothing;
@@ -135,9 +135,9 @@ void run(CrossEntropyArgs& a, Tensor& loss, Tensor& lse) {
 
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd_cpu(
     const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& grad_scale, int64_t ignore_index, double label_smoothing,
+    const std::optional<Tensor>& loss_scale, int64_t ignore_index, double label_smoothing,
     double z_loss, double softcap, bool compute_grad) {
-  Prepared p = prepare(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
+  Prepared p = prepare(input, target, weight, loss_scale, ignore_index, label_smoothing, z_loss,
                        softcap);
   const auto acc = input.options().dtype(acc_type(input.scalar_type()));
   Tensor loss = at::empty({p.args.N, p.args.D}, acc);
@@ -156,9 +156,9 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd_cpu(
 
 std::tuple<Tensor, Tensor> cross_entropy_fwd_inplace_cpu(
     const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& grad_scale, int64_t ignore_index, double label_smoothing,
+    const std::optional<Tensor>& loss_scale, int64_t ignore_index, double label_smoothing,
     double z_loss, double softcap) {
-  Prepared p = prepare(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
+  Prepared p = prepare(input, target, weight, loss_scale, ignore_index, label_smoothing, z_loss,
                        softcap);
   at::assert_no_internal_overlap(input);
   if (p.args.target_prob) {
@@ -181,13 +181,13 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_inplace_cpu(
   return {loss, lse};
 }
 
-Tensor cross_entropy_mean_scale_cpu(const Tensor& target, const std::optional<Tensor>& weight,
+Tensor cross_entropy_mean_factor_cpu(const Tensor& target, const std::optional<Tensor>& weight,
                                     int64_t ignore_index, at::ScalarType dtype) {
   check_cpu(target, "target");
-  TORCH_CHECK(target.scalar_type() == at::kLong, "cross_entropy_mean_scale: target must be int64, "
+  TORCH_CHECK(target.scalar_type() == at::kLong, "cross_entropy_mean_factor: target must be int64, "
               "got ", target.scalar_type());
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "cross_entropy_mean_scale: dtype must be float32 or float64, got ", dtype);
+              "cross_entropy_mean_factor: dtype must be float32 or float64, got ", dtype);
   const Tensor y = target.contiguous();
   const int64_t* yp = y.const_data_ptr<int64_t>();
   const int64_t n = y.numel();
@@ -214,5 +214,5 @@ Tensor cross_entropy_mean_scale_cpu(const Tensor& target, const std::optional<Te
 TORCH_LIBRARY_IMPL(fusedloss_C, CPU, m) {
   m.impl("cross_entropy_fwd", &fusedloss::cpu::cross_entropy_fwd_cpu);
   m.impl("cross_entropy_fwd_inplace", &fusedloss::cpu::cross_entropy_fwd_inplace_cpu);
-  m.impl("cross_entropy_mean_scale", &fusedloss::cpu::cross_entropy_mean_scale_cpu);
+  m.impl("cross_entropy_mean_factor", &fusedloss::cpu::cross_entropy_mean_factor_cpu);
 }

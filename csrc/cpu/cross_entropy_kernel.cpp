@@ -54,7 +54,7 @@ CeCommon<A> ce_common(const CrossEntropyArgs& a) {
   k.W = static_cast<A>(a.weight_sum);
   k.ls = static_cast<A>(a.label_smoothing);
   k.z = static_cast<A>(a.z_loss);
-  k.scale = static_cast<A>(a.grad_scale);
+  k.scale = static_cast<A>(a.loss_scale);
   k.loss = static_cast<A*>(a.loss);
   k.lse = static_cast<A*>(a.lse);
   return k;

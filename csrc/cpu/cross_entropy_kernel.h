@@ -21,7 +21,7 @@ struct CrossEntropyArgs {
   int64_t tg_sn, tg_sc, tg_sd;
   const void* weight;  // (C,) contiguous, accumulation dtype; nullptr: every class weighs 1
   double weight_sum;   // sum of weight (C without weight)
-  double grad_scale;   // multiplies every row's loss and gradient
+  double loss_scale;   // multiplies every row's loss and gradient
   int64_t ignore_index;
   double label_smoothing, z_loss, softcap;  // softcap <= 0: off
   void* grad;  // gradient (may be input itself, in place); nullptr: not computed

@@ -1,5 +1,5 @@
 // CPU binding of logsumexp_fwd (schema in csrc/registration.cpp, contract in docs/KERNELS.md): the
-// softmax-row skeleton's lse-only policy (softmax_lse_kernel.cpp), for fusedloss.distributed's
+// softmax-row skeleton's lse-only policy (logsumexp_kernel.cpp), for fusedloss.distributed's
 // partial logsumexp. Checks, the output, and the call into the instruction-set copy of the kernel.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -8,7 +8,7 @@
 
 #include "buffers.h"
 #include "cpu_isa.h"
-#include "softmax_lse_kernel.h"
+#include "logsumexp_kernel.h"
 
 namespace fusedloss::cpu {
 namespace {
@@ -26,7 +26,7 @@ at::Tensor logsumexp_fwd_cpu(const at::Tensor& input, double softcap) {
   at::Tensor lse = at::empty({N, D}, input.options().dtype(acc_type(input.scalar_type())));
   if (N * D == 0) return lse;
   TORCH_CHECK(C > 0, "logsumexp_fwd: input has no classes (C = 0)");
-  SoftmaxLseArgs a{};
+  LogsumexpArgs a{};
   a.dtype = input.scalar_type();
   a.N = N;
   a.C = C;
@@ -38,7 +38,7 @@ at::Tensor logsumexp_fwd_cpu(const at::Tensor& input, double softcap) {
   a.in_sd = D == 1 ? 1 : input.stride(2);
   a.softcap = softcap > 0.0 ? softcap : 0.0;
   a.lse = lse.data_ptr();
-  FL_CPU_DISPATCH(softmax_lse_kernel, a);
+  FL_CPU_DISPATCH(logsumexp_kernel, a);
   return lse;
 }
 

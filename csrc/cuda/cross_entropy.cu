@@ -11,7 +11,7 @@
 //
 // Target values are checked on the device: y == ignore_index -> ignored row; otherwise y outside
 // [0, C) fails CUDA_KERNEL_ASSERT, and x[y] / weight[y] are never read for such a y (where device
-// asserts are compiled out the row gives NaN). grad_scale is read on the device (no host sync).
+// asserts are compiled out the row gives NaN). loss_scale is read on the device (no host sync).
 // Offsets are 64-bit throughout. scale_grad_ is in scale_grad.cu.
 
 #include <ATen/Dispatch.h>
@@ -85,16 +85,16 @@ struct CEPolicy {
   const int64_t* y;  // class-index targets (N, D), or null
   int64_t yN, yD;
   const acc_t* w;           // class weights (C,), or null
-  const acc_t* grad_scale;  // 0-d, or null (= 1)
+  const acc_t* loss_scale;  // 0-d, or null (= 1)
   acc_t* loss;              // (N, D) contiguous
   acc_t* lse;               // (N, D) contiguous
   int64_t C;
   int64_t ignore_index;
   acc_t ls, z, softcap;
-  acc_t scale;  // *grad_scale, read on the device by prepare()
+  acc_t scale;  // *loss_scale, read on the device by prepare()
 
   __device__ __forceinline__ void prepare() {
-    scale = grad_scale != nullptr ? *grad_scale : acc_t(1);
+    scale = loss_scale != nullptr ? *loss_scale : acc_t(1);
   }
 
   __device__ __forceinline__ acc_t logit(acc_t x) const { return ce::softcap_fwd(x, softcap); }
@@ -211,7 +211,7 @@ struct GradOut {
 // Launches the cross-entropy kernel for `input` with the gradient going to `gout`.
 void launch_cross_entropy(const char* op, const at::Tensor& input, const at::Tensor& target,
                           const std::optional<at::Tensor>& weight_opt,
-                          const std::optional<at::Tensor>& grad_scale_opt, int64_t ignore_index,
+                          const std::optional<at::Tensor>& loss_scale_opt, int64_t ignore_index,
                           double label_smoothing, double z_loss, double softcap,
                           const GradOut& gout, const at::Tensor& loss, const at::Tensor& lse) {
   const int64_t N = input.size(0), C = input.size(1), D = input.size(2);
@@ -244,15 +244,15 @@ void launch_cross_entropy(const char* op, const at::Tensor& input, const at::Ten
                 ", input on ", input.device());
     weight = weight.contiguous();
   }
-  at::Tensor grad_scale;
-  if (grad_scale_opt.has_value() && grad_scale_opt->defined()) {
-    grad_scale = *grad_scale_opt;
-    TORCH_CHECK(grad_scale.numel() == 1, op, ": grad_scale must hold one value, got shape ",
-                grad_scale.sizes());
-    TORCH_CHECK(grad_scale.device() == input.device(), op, ": grad_scale is on ",
-                grad_scale.device(), ", input on ", input.device(),
+  at::Tensor loss_scale;
+  if (loss_scale_opt.has_value() && loss_scale_opt->defined()) {
+    loss_scale = *loss_scale_opt;
+    TORCH_CHECK(loss_scale.numel() == 1, op, ": loss_scale must hold one value, got shape ",
+                loss_scale.sizes());
+    TORCH_CHECK(loss_scale.device() == input.device(), op, ": loss_scale is on ",
+                loss_scale.device(), ", input on ", input.device(),
                 " (it is read on the device; no host sync)");
-    if (grad_scale.scalar_type() != acc) grad_scale = grad_scale.to(acc);  // a device op
+    if (loss_scale.scalar_type() != acc) loss_scale = loss_scale.to(acc);  // a device op
   }
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
               ": label_smoothing must be in [0, 1], got ", label_smoothing);
@@ -303,7 +303,7 @@ void launch_cross_entropy(const char* op, const at::Tensor& input, const at::Ten
             pol.yD = D == 1 ? 0 : target.stride(1);
           }
           pol.w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-          pol.grad_scale = grad_scale.defined() ? grad_scale.const_data_ptr<acc_t>() : nullptr;
+          pol.loss_scale = loss_scale.defined() ? loss_scale.const_data_ptr<acc_t>() : nullptr;
           pol.loss = loss.mutable_data_ptr<acc_t>();
           pol.lse = lse.mutable_data_ptr<acc_t>();
           pol.C = C;
@@ -327,7 +327,7 @@ void launch_cross_entropy(const char* op, const at::Tensor& input, const at::Ten
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& grad_scale, int64_t ignore_index, double label_smoothing,
+    const std::optional<at::Tensor>& loss_scale, int64_t ignore_index, double label_smoothing,
     double z_loss, double softcap, bool compute_grad) {
   const char* op = "fusedloss_C::cross_entropy_fwd";
   check_ncd_input(input, op);
@@ -340,14 +340,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
                                  : at::empty({0}, input.options());
   GradOut gout{nullptr, 0, 0, 0};
   if (compute_grad) gout = GradOut{grad.data_ptr(), C * D, D, 1};
-  launch_cross_entropy(op, input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
+  launch_cross_entropy(op, input, target, weight, loss_scale, ignore_index, label_smoothing, z_loss,
                        softcap, gout, loss, lse);
   return std::make_tuple(loss, lse, grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& grad_scale, int64_t ignore_index, double label_smoothing,
+    const std::optional<at::Tensor>& loss_scale, int64_t ignore_index, double label_smoothing,
     double z_loss, double softcap) {
   const char* op = "fusedloss_C::cross_entropy_fwd_inplace";
   check_ncd_input(input, op);
@@ -361,17 +361,17 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cuda(
   at::Tensor lse = at::empty({N, D}, acc_opts);
   const GradOut gout{input.numel() > 0 ? input.data_ptr() : nullptr, input.stride(0),
                      input.stride(1), input.stride(2)};
-  launch_cross_entropy(op, input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
+  launch_cross_entropy(op, input, target, weight, loss_scale, ignore_index, label_smoothing, z_loss,
                        softcap, gout, loss, lse);
   return std::make_tuple(loss, lse);
 }
 
 
 // The 'mean' factor (registration.cpp), as device ops: no host sync.
-at::Tensor cross_entropy_mean_scale_cuda(const at::Tensor& target,
+at::Tensor cross_entropy_mean_factor_cuda(const at::Tensor& target,
                                          const std::optional<at::Tensor>& weight,
                                          int64_t ignore_index, at::ScalarType dtype) {
-  TORCH_CHECK(target.scalar_type() == at::kLong, "cross_entropy_mean_scale: target must be int64");
+  TORCH_CHECK(target.scalar_type() == at::kLong, "cross_entropy_mean_factor: target must be int64");
   const at::Tensor y = target.reshape({-1});
   const at::Tensor valid = y.ne(ignore_index);
   if (!weight.has_value() || !weight->defined()) return valid.sum(dtype).reciprocal();
@@ -390,5 +390,5 @@ at::Tensor cross_entropy_mean_scale_cuda(const at::Tensor& target,
 TORCH_LIBRARY_IMPL(fusedloss_C, CUDA, m) {
   m.impl("cross_entropy_fwd", &fusedloss::cuda::cross_entropy_fwd_cuda);
   m.impl("cross_entropy_fwd_inplace", &fusedloss::cuda::cross_entropy_fwd_inplace_cuda);
-  m.impl("cross_entropy_mean_scale", &fusedloss::cuda::cross_entropy_mean_scale_cuda);
+  m.impl("cross_entropy_mean_factor", &fusedloss::cuda::cross_entropy_mean_factor_cuda);
 }

@@ -33,7 +33,7 @@ def cross_entropy_fwd(
     input: Tensor,
     target: Tensor,
     weight: Optional[Tensor],
-    grad_scale: Optional[Tensor],
+    loss_scale: Optional[Tensor],
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
@@ -42,11 +42,11 @@ def cross_entropy_fwd(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     k = _backend.kernels("cross_entropy", backend)
-    return k.cross_entropy_fwd(input, target, weight, grad_scale, ignore_index, label_smoothing,
+    return k.cross_entropy_fwd(input, target, weight, loss_scale, ignore_index, label_smoothing,
                                z_loss, softcap, compute_grad)
 
 
-def _fwd_fake(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+def _fwd_fake(input, target, weight, loss_scale, ignore_index, label_smoothing, z_loss, softcap,
               compute_grad, backend=None):
     acc = acc_dtype(input.dtype)
     loss = input.new_empty(_row_shape(input), dtype=acc)
@@ -106,7 +106,7 @@ def cross_entropy_fwd_inplace(
     input: Tensor,
     target: Tensor,
     weight: Optional[Tensor],
-    grad_scale: Optional[Tensor],
+    loss_scale: Optional[Tensor],
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
@@ -114,11 +114,11 @@ def cross_entropy_fwd_inplace(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     k = _backend.kernels("cross_entropy", backend)
-    return k.cross_entropy_fwd_inplace(input, target, weight, grad_scale, ignore_index,
+    return k.cross_entropy_fwd_inplace(input, target, weight, loss_scale, ignore_index,
                                        label_smoothing, z_loss, softcap)
 
 
-def _fwd_inplace_fake(input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
+def _fwd_inplace_fake(input, target, weight, loss_scale, ignore_index, label_smoothing, z_loss,
                       softcap, backend=None):
     acc = acc_dtype(input.dtype)
     return (input.new_empty(_row_shape(input), dtype=acc),
@@ -135,10 +135,10 @@ class CrossEntropyEager(torch.autograd.Function):
     the custom op is traced instead."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
+    def forward(ctx, input, target, weight, loss_scale, ignore_index, label_smoothing, z_loss,
                 softcap, backend):
         loss, lse, grad = _backend.kernels("cross_entropy", backend).cross_entropy_fwd(
-            input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+            input, target, weight, loss_scale, ignore_index, label_smoothing, z_loss, softcap,
             True)
         ctx.mark_non_differentiable(lse)
         _save(ctx, grad, target, ignore_index, backend, True)
@@ -153,14 +153,14 @@ class CrossEntropyInplace(torch.autograd.Function):
     """Forward writes d(loss)/d(input) into input's memory; backward scales it there."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
+    def forward(ctx, input, target, weight, loss_scale, ignore_index, label_smoothing, z_loss,
                 softcap, backend):
         if torch.compiler.is_compiling():
-            loss, lse = cross_entropy_fwd_inplace(input, target, weight, grad_scale, ignore_index,
+            loss, lse = cross_entropy_fwd_inplace(input, target, weight, loss_scale, ignore_index,
                                                   label_smoothing, z_loss, softcap, backend)
         else:  # the kernel directly (see CrossEntropyEager), declaring the write to autograd
             loss, lse = _backend.kernels("cross_entropy", backend).cross_entropy_fwd_inplace(
-                input, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap)
+                input, target, weight, loss_scale, ignore_index, label_smoothing, z_loss, softcap)
             torch.autograd.graph.increment_version(input)
         ctx.mark_non_differentiable(lse)
         # Saved after the mutation: it holds the gradient now.
@@ -188,6 +188,6 @@ if _ext.available():
     torch.library.register_fake("fusedloss_C::cross_entropy_loss", _loss_fake)
     torch.library.register_fake("fusedloss_C::cross_entropy_loss_inplace", _loss_fake)
 
-    @torch.library.register_fake("fusedloss_C::cross_entropy_mean_scale")
+    @torch.library.register_fake("fusedloss_C::cross_entropy_mean_factor")
     def _(target, weight, ignore_index, dtype):
         return target.new_empty((), dtype=dtype)

@@ -32,9 +32,9 @@ def _kept_rows(target: Tensor, ignore_index: int) -> Tensor:
     return (target != ignore_index).nonzero().squeeze(1)
 
 
-def _run(input, linear_weight, linear_bias, target, weight, grad_scale, row_scale, ignore_index,
+def _run(input, linear_weight, linear_bias, target, weight, loss_scale, upstream, ignore_index,
          label_smoothing, z_loss, softcap, chunk_size, compute_grad, backend):
-    """Loss and lse per token and, with compute_grad, the three gradients. row_scale: None, or the
+    """Loss and lse per token and, with compute_grad, the three gradients. upstream: None, or the
     per-token upstream gradient (backward of 'none'), applied to the gradients only."""
     n, h = input.shape
     acc = acc_dtype(input.dtype)
@@ -54,8 +54,8 @@ def _run(input, linear_weight, linear_bias, target, weight, grad_scale, row_scal
     xs = input if all_kept else input.index_select(0, rows)
     ts = target if all_kept else target.index_select(0, rows)
     scales = None
-    if row_scale is not None:
-        scales = row_scale if all_kept else row_scale.index_select(0, rows)
+    if upstream is not None:
+        scales = upstream if all_kept else upstream.index_select(0, rows)
     loss_k = torch.empty(rows.numel(), dtype=acc, device=input.device)
     lse_k = torch.empty(rows.numel(), dtype=acc, device=input.device)
     grad_k = None
@@ -73,7 +73,7 @@ def _run(input, linear_weight, linear_bias, target, weight, grad_scale, row_scal
         else:
             torch.addmm(linear_bias, x, linear_weight.T, out=logits)
         view = logits.unsqueeze(2)  # (rows, V, 1): the CE kernels' (N, C, D) layout
-        args = (t, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap)
+        args = (t, weight, loss_scale, ignore_index, label_smoothing, z_loss, softcap)
         if compute_grad:
             l_c, lse_c = kernels.cross_entropy_fwd_inplace(view, *args)
             if scales is not None:
@@ -94,8 +94,8 @@ def _run(input, linear_weight, linear_bias, target, weight, grad_scale, row_scal
         loss, lse = loss_k, lse_k
     else:
         loss = torch.zeros(n, dtype=acc, device=input.device)
-        if grad_scale is not None:
-            loss = loss * grad_scale  # ignored tokens give 0 * scale: NaN for an all-ignored 'mean'
+        if loss_scale is not None:
+            loss = loss * loss_scale  # ignored tokens give 0 * scale: NaN for an all-ignored 'mean'
         lse = torch.zeros(n, dtype=acc, device=input.device)
         loss.index_copy_(0, rows, loss_k)
         lse.index_copy_(0, rows, lse_k)
@@ -115,7 +115,7 @@ def linear_cross_entropy_fwd(
     linear_bias: Optional[Tensor],
     target: Tensor,
     weight: Optional[Tensor],
-    grad_scale: Optional[Tensor],
+    loss_scale: Optional[Tensor],
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
@@ -126,7 +126,7 @@ def linear_cross_entropy_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """input (N, H), linear_weight (V, H), target (N,). Returns per-token loss and lse and, with
     compute_grad, the gradients of input, linear_weight and linear_bias (else empty tensors)."""
-    loss, lse, gi, gw, gb = _run(input, linear_weight, linear_bias, target, weight, grad_scale,
+    loss, lse, gi, gw, gb = _run(input, linear_weight, linear_bias, target, weight, loss_scale,
                                  None, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
                                  compute_grad, backend)
     # Each absent gradient is its own empty tensor: outputs may not alias each other.
@@ -138,7 +138,7 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 @linear_cross_entropy_fwd.register_fake
-def _(input, linear_weight, linear_bias, target, weight, grad_scale, ignore_index,
+def _(input, linear_weight, linear_bias, target, weight, loss_scale, ignore_index,
       label_smoothing, z_loss, softcap, chunk_size, compute_grad, backend):
     acc = acc_dtype(input.dtype)
     n = input.shape[0]
@@ -150,7 +150,7 @@ def _(input, linear_weight, linear_bias, target, weight, grad_scale, ignore_inde
 
 
 def _setup_context(ctx, inputs, output):
-    (input, linear_weight, linear_bias, target, weight, grad_scale, ignore_index, label_smoothing,
+    (input, linear_weight, linear_bias, target, weight, loss_scale, ignore_index, label_smoothing,
      z_loss, softcap, chunk_size, compute_grad, backend) = inputs
     # No zero gradients materialised for the non-differentiable outputs: those of the gradient
     # outputs would be as large as the gradients themselves.
@@ -162,7 +162,7 @@ def _setup_context(ctx, inputs, output):
     if compute_grad:
         ctx.save_for_backward(*output[2:])
     else:  # 'none': recompute in backward
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, grad_scale)
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, loss_scale)
 
 
 def _scale_(t: Tensor, g: Tensor, backend: str) -> Tensor:
@@ -183,9 +183,9 @@ def _backward(ctx, grad_loss, grad_lse, gi, gw, gb):
         grad_weight = _scale_(grad_weight, grad_loss, backend)
         grad_bias = _scale_(grad_bias, grad_loss, backend) if ctx.has_bias else None
     else:
-        input, linear_weight, linear_bias, target, weight, grad_scale = ctx.saved_tensors
+        input, linear_weight, linear_bias, target, weight, loss_scale = ctx.saved_tensors
         _, _, grad_input, grad_weight, grad_bias = _run(
-            input, linear_weight, linear_bias, target, weight, grad_scale,
+            input, linear_weight, linear_bias, target, weight, loss_scale,
             grad_loss.to(acc_dtype(input.dtype)).contiguous(), ignore_index, label_smoothing,
             z_loss, softcap, chunk_size, True, backend)
     return (grad_input, grad_weight, grad_bias) + (None,) * 10

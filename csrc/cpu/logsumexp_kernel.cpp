@@ -1,12 +1,12 @@
-// The lse-only kernel (softmax_lse_kernel.h): LsePolicy on the softmax-row skeleton.
-#include "softmax_lse_kernel.h"
+// The lse-only kernel (logsumexp_kernel.h): LsePolicy on the softmax-row skeleton.
+#include "logsumexp_kernel.h"
 
 #include "softmax_rows.h"
 #include "vec.h"
 
 namespace fusedloss::cpu::CPU_CAPABILITY {
 
-void softmax_lse_kernel(const SoftmaxLseArgs& a) {
+void logsumexp_kernel(const LogsumexpArgs& a) {
   if (a.N * a.D == 0) return;
   by_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
