@@ -567,7 +567,9 @@ def format_table(case: Case, thp: str, rows: list, machine: dict | None, device:
     interleaved = any(r.get("timing") == "interleaved" for r in rows)
     if interleaved:
         lines.append("   timing: providers interleaved in one long-lived process, one step each "
-                     "per round (a training loop's calls); memory: a fresh process per provider")
+                     "per round (a training loop's calls); memory: a fresh process per provider "
+                     "(fusedloss with FUSEDLOSS_CPU_GRAD_BUFFER=fresh: its default keeps the "
+                     "gradient buffer resident between steps, the same peak)")
     fresh = any(r.get("fresh_median_ms") is not None for r in rows)
     hdr = ["provider", "median ms", "min ms", "n", "time vs fusedloss"]
     hdr += ["fresh-process ms"] if fresh else []

@@ -327,6 +327,7 @@ def main(argv=None) -> int:
     faulthandler.enable()  # a crashing provider leaves a Python traceback in the worker's log
     with open(argv[0]) as f:
         spec = json.load(f)
+    os.environ.update(spec.get("env") or {})  # before anything reads it (fusedloss: lazily)
     if spec.get("mode") == "probe":
         from bench import _harness as H
 
