@@ -32,6 +32,18 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 # Running a loss
 
 
+def cpu_capabilities() -> list[str]:
+    """The ATEN_CPU_CAPABILITY values this CPU can run ("default", "avx2", "avx512"): each selects
+    one instruction-set copy of the CPU kernels (tests run them all in subprocesses)."""
+    caps = ["default"]
+    best = torch.backends.cpu.get_cpu_capability().lower()
+    if best in ("avx2", "avx512"):
+        caps.append("avx2")
+    if best == "avx512":
+        caps.append("avx512")
+    return caps
+
+
 def make(shape, dtype=torch.float32, device="cpu", scale=3.0) -> torch.Tensor:
     """Random logits, drawn in float64 and rounded once (the same values in every dtype)."""
     return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).to(device)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fusedloss
+from _support import cpu_capabilities
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,17 +75,9 @@ def test_require_ext_turns_missing_extension_into_import_error():
     assert r.returncode != 0 and "FUSEDLOSS_REQUIRE_EXT" in r.stderr, r.stderr
 
 
-def _cpu_capabilities():
-    caps = ["default"]
-    best = torch.backends.cpu.get_cpu_capability().lower()
-    if best in ("avx2", "avx512"):
-        caps.append("avx2")
-    if best == "avx512":
-        caps.append("avx512")
-    return caps
 
 
-@pytest.mark.parametrize("cap", _cpu_capabilities())
+@pytest.mark.parametrize("cap", cpu_capabilities())
 def test_every_isa_copy(cap):
     """Each per-ISA copy of the CPU kernels (chosen at run time like ATen's, and forced here with
     ATEN_CPU_CAPABILITY) gives the same values and gradients."""

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import fusedloss
+from _support import cpu_capabilities
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,14 +26,6 @@ pytestmark = pytest.mark.skipif(not fusedloss.backends()["cpu"]["available"],
                                 reason="fusedloss._C CPU kernels not built")
 
 
-def _capabilities():
-    caps = ["default"]
-    best = torch.backends.cpu.get_cpu_capability().lower()
-    if best in ("avx2", "avx512"):
-        caps.append("avx2")
-    if best == "avx512":
-        caps.append("avx512")
-    return caps
 
 
 def _run(code, cap):
@@ -114,7 +107,7 @@ print(torch.backends.cpu.get_cpu_capability())
 """
 
 
-@pytest.mark.parametrize("cap", _capabilities())
+@pytest.mark.parametrize("cap", cpu_capabilities())
 def test_scale_grad_broadcast_by_stride(cap):
     """scale_grad_ on the elementwise skeleton: every layout of grad (written through its own
     strides, nothing else touched) times every layout of the upstream gradient (per row,
@@ -191,7 +184,7 @@ print(torch.backends.cpu.get_cpu_capability())
 """
 
 
-@pytest.mark.parametrize("cap", _capabilities())
+@pytest.mark.parametrize("cap", cpu_capabilities())
 def test_softmax_rows_layouts_and_policies(cap):
     """cross_entropy's two policies on the softmax-row skeleton, in each of its layouts (rows,
     spatial, gathered, strided rows; more than one pass-1 chunk; a masked tail), with label

@@ -197,8 +197,8 @@ struct RowsLayout {
   double softcap;  // <= 0: off
 };
 
-// The lse-only policy: the row's logsumexp and nothing else (the partial logsumexp of a
-// vocabulary-parallel shard, which today calls cross-entropy with every row ignored).
+// The lse-only policy: the row's logsumexp and nothing else (logsumexp_fwd: the partial logsumexp
+// of a vocabulary-parallel shard).
 // lse_out (N*D,) contiguous.
 template <typename A>
 struct LsePolicy {

@@ -261,10 +261,8 @@ void launch_cross_entropy(const char* op, const at::Tensor& input, const at::Ten
   const int64_t rows = N * D;
   if (rows == 0) return;  // empty batch: launch nothing
 
-  // Strides that cannot matter are normalised so the fast-path tests see through them.
-  int64_t xN = input.stride(0), xC = input.stride(1), xD = input.stride(2);
-  if (C == 1) xC = 1;
-  if (D == 1) xD = 0;
+  // Strides that cannot matter are normalised so the fast-path tests see through them (x's by
+  // input_rows_args).
   GradOut g = gout;
   if (g.ptr != nullptr) {
     if (C == 1) g.sC = 1;
@@ -274,13 +272,7 @@ void launch_cross_entropy(const char* op, const at::Tensor& input, const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "fusedloss_cross_entropy_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        RowsArgs<scalar_t> a;
-        a.x = input.const_data_ptr<scalar_t>();
-        a.xN = xN;
-        a.xC = xC;
-        a.xD = xD;
-        a.aux = nullptr;
-        a.aN = a.aC = a.aD = 0;
+        RowsArgs<scalar_t> a = input_rows_args<scalar_t>(input);
         if (prob) {
           a.aux = target.const_data_ptr<scalar_t>();
           a.aN = target.stride(0);
@@ -291,9 +283,6 @@ void launch_cross_entropy(const char* op, const at::Tensor& input, const at::Ten
         a.gN = g.sN;
         a.gC = g.sC;
         a.gD = g.sD;
-        a.C = C;
-        a.D = D;
-        a.rows = rows;
         auto fill = [&](auto& pol) {
           pol.y = nullptr;
           pol.yN = pol.yD = 0;

@@ -64,25 +64,11 @@ at::Tensor logsumexp_fwd_cuda(const at::Tensor& input, double softcap) {
   const int64_t rows = N * D;
   if (rows == 0) return lse;
   TORCH_CHECK(C > 0, op, ": input has no classes (C = 0)");
-  int64_t xN = input.stride(0), xC = input.stride(1), xD = input.stride(2);
-  if (C == 1) xC = 1;  // strides that cannot matter, normalised for the fast-path tests
-  if (D == 1) xD = 0;
   c10::cuda::CUDAGuard guard(input.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "fusedloss_logsumexp_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        RowsArgs<scalar_t> a;
-        a.x = input.const_data_ptr<scalar_t>();
-        a.xN = xN;
-        a.xC = xC;
-        a.xD = xD;
-        a.aux = nullptr;
-        a.aN = a.aC = a.aD = 0;
-        a.g = nullptr;
-        a.gN = a.gC = a.gD = 0;
-        a.C = C;
-        a.D = D;
-        a.rows = rows;
+        const RowsArgs<scalar_t> a = input_rows_args<scalar_t>(input);
         LsePolicy<scalar_t, acc_t> pol;
         pol.lse = lse.mutable_data_ptr<acc_t>();
         pol.softcap = softcap > 0.0 ? static_cast<acc_t>(softcap) : acc_t(0);

@@ -134,6 +134,26 @@ struct RowsArgs {
   int64_t C, D, rows;  // rows = N * D
 };
 
+// RowsArgs for an (N, C, D) input on the host: x with its strides (those that cannot matter
+// normalised, C == 1 -> 1 and D == 1 -> 0, so that the fast-path tests see through them), no aux
+// operand and no gradient; a policy that reads aux or writes g fills those in.
+template <typename scalar_t>
+RowsArgs<scalar_t> input_rows_args(const at::Tensor& input) {
+  RowsArgs<scalar_t> a;
+  a.C = input.size(1);
+  a.D = input.size(2);
+  a.rows = input.size(0) * a.D;
+  a.x = input.const_data_ptr<scalar_t>();
+  a.xN = input.stride(0);
+  a.xC = a.C == 1 ? 1 : input.stride(1);
+  a.xD = a.D == 1 ? 0 : input.stride(2);
+  a.aux = nullptr;
+  a.aN = a.aC = a.aD = 0;
+  a.g = nullptr;
+  a.gN = a.gC = a.gD = 0;
+  return a;
+}
+
 template <typename P>
 using StateOf = SoftmaxState<typename P::acc_t, typename P::Extra>;
 
