@@ -20,6 +20,17 @@ inline bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// The strides of an (N, C, D) tensor in elements, those of its size-1 dimensions made canonical
+// (C * D, 1, 1): they are arbitrary there, and the kernels choose their path (rows, spatial,
+// gathered) from the strides, so they see the real layout.
+struct NcdStrides {
+  int64_t n, c, d;
+};
+inline NcdStrides ncd_strides(const at::Tensor& t) {
+  const int64_t N = t.size(0), C = t.size(1), D = t.size(2);
+  return {N == 1 ? C * D : t.stride(0), C == 1 ? 1 : t.stride(1), D == 1 ? 1 : t.stride(2)};
+}
+
 // A buffer of 4 MiB or more about to be written for the first time: back it with transparent huge
 // pages where the system allows it on request (THP "madvise" mode); faulting it in 4 KiB pages
 // costs about as much as a whole cross-entropy kernel. Harmless if it fails;

@@ -56,9 +56,10 @@ Prepared prepare(const Tensor& input, const Tensor& target, const std::optional<
   a.C = C;
   a.D = D;
   a.input = input.data_ptr();
-  a.in_sn = input.stride(0);
-  a.in_sc = input.stride(1);
-  a.in_sd = input.stride(2);
+  const NcdStrides xs = ncd_strides(input);
+  a.in_sn = xs.n;
+  a.in_sc = xs.c;
+  a.in_sd = xs.d;
 
   if (target.scalar_type() == at::kLong) {
     TORCH_CHECK(target.dim() == 2 && target.size(0) == N && target.size(1) == D,
@@ -75,9 +76,10 @@ Prepared prepare(const Tensor& input, const Tensor& target, const std::optional<
                 ", got ", target.sizes());
     p.target = target;
     a.target_prob = target.data_ptr();
-    a.tg_sn = target.stride(0);
-    a.tg_sc = target.stride(1);
-    a.tg_sd = target.stride(2);
+    const NcdStrides ts = ncd_strides(target);
+    a.tg_sn = ts.n;
+    a.tg_sc = ts.c;
+    a.tg_sd = ts.d;
   } else {
     TORCH_CHECK(false,
                 "cross_entropy: target must be int64 class indices or floating-point class "
@@ -110,20 +112,15 @@ Prepared prepare(const Tensor& input, const Tensor& target, const std::optional<
   a.label_smoothing = label_smoothing;
   a.z_loss = z_loss;
   a.softcap = softcap > 0.0 ? softcap : 0.0;
-
-  // Strides of size-1 dimensions are arbitrary; make them canonical so that layout tests see
-  // the real layout.
-  if (C == 1) a.in_sc = a.tg_sc = 1;
-  if (D == 1) a.in_sd = a.tg_sd = 1;
-  if (N == 1) a.in_sn = a.tg_sn = C * D;
   return p;
 }
 
 void set_grad(CrossEntropyArgs& a, const Tensor& g) {
   a.grad = g.data_ptr();
-  a.gr_sn = a.N == 1 ? a.C * a.D : g.stride(0);
-  a.gr_sc = a.C == 1 ? 1 : g.stride(1);
-  a.gr_sd = a.D == 1 ? 1 : g.stride(2);
+  const NcdStrides gs = ncd_strides(g);
+  a.gr_sn = gs.n;
+  a.gr_sc = gs.c;
+  a.gr_sd = gs.d;
 }
 
 void run(CrossEntropyArgs& a, Tensor& loss, Tensor& lse) {

@@ -32,10 +32,10 @@ at::Tensor logsumexp_fwd_cpu(const at::Tensor& input, double softcap) {
   a.C = C;
   a.D = D;
   a.input = input.const_data_ptr();
-  // Strides of size-1 dimensions are arbitrary: canonical ones, so the kernel sees the layout.
-  a.in_sn = N == 1 ? C * D : input.stride(0);
-  a.in_sc = C == 1 ? 1 : input.stride(1);
-  a.in_sd = D == 1 ? 1 : input.stride(2);
+  const NcdStrides xs = ncd_strides(input);
+  a.in_sn = xs.n;
+  a.in_sc = xs.c;
+  a.in_sd = xs.d;
   a.softcap = softcap > 0.0 ? softcap : 0.0;
   a.lse = lse.data_ptr();
   FL_CPU_DISPATCH(logsumexp_kernel, a);
