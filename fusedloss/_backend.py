@@ -86,18 +86,20 @@ def _warn_fallback(why: str) -> None:
 def resolve(backend: str, device: torch.device, op: str = "cross_entropy") -> str:
     """The backend that runs ``op`` (a key of OPS) on ``device``; raises RuntimeError if an
     explicitly named backend cannot run it."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    return _resolve(backend, device.type, op)
+    return _checked_resolve(backend, device.type, op)
 
 
 def resolve_for(backend: str, tensor: torch.Tensor, op: str = "cross_entropy") -> str:
     """:func:`resolve` for ``tensor``'s device, the per-call path of every loss: the CPU case
     without building a torch.device (``tensor.device.type`` costs more than the rest of the
     lookup)."""
+    return _checked_resolve(backend, "cpu" if tensor.is_cpu else tensor.device.type, op)
+
+
+def _checked_resolve(backend, device_type: str, op: str) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    return _resolve(backend, "cpu" if tensor.is_cpu else tensor.device.type, op)
+    return _resolve(backend, device_type, op)
 
 
 def _constant_result(fn):

@@ -131,7 +131,7 @@ def vocab_parallel_cross_entropy(
         raise ValueError("group: this process is not a member of the given process group")
 
     backend = ("reference" if input.shape[1] == 0 else
-               _backend.resolve("auto", input.device, "logsumexp"))
+               _backend.resolve_for("auto", input, "logsumexp"))
     loss, valid = _VocabParallelCrossEntropy.apply(input, target, group, ignore_index,
                                                    label_smoothing, z_loss, backend)
     if reduction == "none":

@@ -29,12 +29,8 @@ def _fused_backend(op: str, backend: str, input: Tensor, *others: Optional[Tenso
     derivative rules for those; the reference's plain torch ops have them all). Every loss starts
     with its argument checks (``fusedloss._checks``) and then this."""
     name = _backend.resolve_for(backend, input, op)
-    if name == "reference":
+    if name == "reference" or _forward_ad_active(input, *others):
         return None
-    # _forward_ad_active, inlined for the common case (no dual level, no transform): per-call cost
-    if _forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
-        if _forward_ad_active(input, *others):
-            return None
     return name
 
 
@@ -136,7 +132,7 @@ def cross_entropy(
     spatial = tuple(input.shape[2:])
     d = _numel(spatial)
     x = input.reshape(n, c, d)
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = C.acc_dtype(input.dtype)
     if prob:
         tgt = target.to(input.dtype).reshape(n, c, d)
     else:
@@ -212,7 +208,7 @@ def linear_cross_entropy(
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1)
     n, v = x.shape[0], linear_weight.shape[0]
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = C.acc_dtype(input.dtype)
     w = None if weight is None else weight.to(acc).contiguous()
     if chunk_size is None:
         budget = linear_weight.numel() * linear_weight.element_size()

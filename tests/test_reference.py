@@ -7,22 +7,14 @@ transcription of a peer's formula, by Python loops, or by a closed-form gradient
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
-import pathlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    from fusedloss import reference as R
-except Exception:  # the package may be mid-construction; the reference stands alone
-    _path = pathlib.Path(__file__).resolve().parents[1] / "fusedloss" / "reference.py"
-    _spec = importlib.util.spec_from_file_location("fusedloss_reference_standalone", _path)
-    R = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(R)
+from fusedloss import reference as R
 
 F64 = torch.float64
 TIGHT = dict(rtol=1e-11, atol=1e-12)
