@@ -52,4 +52,13 @@ TORCH_LIBRARY(fusedloss_C, m) {
   // accumulation dtype; one read of the logits (fusedloss.distributed's partial logsumexp). NaN for
   // a row with a NaN or +inf logit, as cross_entropy_fwd's lse.
   m.def("logsumexp_fwd(Tensor input, float softcap) -> Tensor");
+  // Total variation (the stencil skeleton): input (P, Q, H, W), any strides; weight None or of
+  // input's shape (an expanded view: stride 0 where broadcast), any floating dtype; norm 0 = l1,
+  // 1 = l2_squared, 2 = isotropic; eps >= 0 (isotropic); loss_scale multiplies every image's loss
+  // and the gradient. Returns the per-image loss (P, Q) in the accumulation dtype and, with
+  // compute_grad, d(sum of loss)/d(input) as a contiguous (P, Q, H, W) tensor of input's dtype
+  // (else an empty tensor).
+  m.def(
+      "tv_fwd(Tensor input, Tensor? weight, int norm, float eps, float loss_scale, "
+      "bool compute_grad) -> (Tensor loss, Tensor grad)");
 }
