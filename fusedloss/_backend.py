@@ -42,6 +42,8 @@ OPS = {
     "linear_cross_entropy": ("cross_entropy_fwd_inplace", "cross_entropy"),
     "scale_grad": ("scale_grad_", "scale_grad"),
     "logsumexp": ("logsumexp_fwd", "logsumexp"),
+    "tv": ("tv_fwd", "tv"),
+    "total_variation": ("tv_fwd", "tv"),  # the public function's name for fusedloss.backends()
 }
 
 

@@ -16,8 +16,9 @@ from . import _backend, reference
 from . import _checks as C
 from .ops import cross_entropy as _ce_ops
 from .ops import linear_cross_entropy as _lce_ops
+from .ops import tv as _tv_ops
 
-__all__ = ["cross_entropy", "linear_cross_entropy"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "total_variation"]
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # csrc/registration.cpp's cross_entropy_loss
 
@@ -268,3 +269,45 @@ def _mean_factor(target: Tensor, weight: Optional[Tensor], ignore_index: int, ro
         wy = weight.gather(0, target.clamp(0, max(n_classes - 1, 0)).reshape(-1))
         total = torch.where(valid.reshape(-1), wy, 0).sum(dtype=acc)
     return total.reciprocal()
+
+
+def total_variation(
+    input: Tensor,
+    weight: Optional[Tensor] = None,
+    *,
+    norm: str = "l1",
+    eps: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Total variation of images ``input`` ``(..., H, W)`` in one pass (docs/DESIGN.md section 3).
+
+    Vertical differences ``x[..., i+1, j] - x[..., i, j]`` and horizontal ones
+    ``x[..., i, j+1] - x[..., i, j]``; ``norm="l1"`` sums their absolute values (anisotropic),
+    ``"l2_squared"`` their squares, ``"isotropic"`` the per-pixel ``sqrt(dv**2 + dh**2 + eps)``
+    (a difference past the last row or column counts as 0; gradient 0 where the norm is 0).
+    ``weight`` (broadcastable to the input, e.g. ``(N, 1, H, W)`` for ``(N, C, H, W)``, read by
+    stride) multiplies the terms that start at each pixel (BasicSR's convention).
+    ``reduction``: ``'none'`` gives one value per image (``input.shape[:-2]``), ``'sum'``,
+    ``'mean'`` the sum over ``input.numel()``. Any strides (channels_last included); float32,
+    bfloat16, float16 accumulate in float32, float64 in float64. The gradient is computed in the
+    forward when ``input`` requires grad; a gradient for ``weight`` is not supported (use
+    ``backend="reference"``).
+    """
+    eps = C.total_variation_args(input, weight, norm, eps, reduction)
+    name = _fused_backend("tv", backend, input, weight)
+    if name is None:
+        return reference.total_variation(input, weight, norm=norm, eps=eps, reduction=reduction)
+    grad_mode = torch.is_grad_enabled()
+    if weight is not None and weight.requires_grad and grad_mode:
+        raise NotImplementedError("fusedloss.total_variation: a gradient with respect to weight "
+                                  "is not supported; detach weight or use backend='reference'")
+    numel = input.numel()
+    scale = 1.0 / numel if reduction == "mean" and numel else 1.0
+    loss, _ = _tv_ops.tv_fwd(input, weight, _tv_ops.NORMS[norm], eps, scale,
+                             input.requires_grad and grad_mode, name)
+    if reduction != "none":
+        loss = loss.sum()
+        if reduction == "mean" and numel == 0:
+            loss = loss / 0.0  # the NaN of an empty mean, as the reference's sum / numel
+    return loss if loss.dtype == input.dtype else loss.to(input.dtype)

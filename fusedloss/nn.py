@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import functional as F
 
-__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "TotalVariationLoss"]
 
 
 class _CrossEntropyOptions(torch.nn.Module):
@@ -95,3 +95,30 @@ class LinearCrossEntropyLoss(_CrossEntropyOptions):
 
     def _extra(self) -> list[str]:
         return [] if self.chunk_size is None else [f"chunk_size={self.chunk_size}"]
+
+
+class TotalVariationLoss(torch.nn.Module):
+    """Total variation of images ``(..., H, W)`` (:func:`fusedloss.total_variation`), with an
+    optional per-pixel weight map given at call time::
+
+        tv = fusedloss.nn.TotalVariationLoss(norm="l1", reduction="mean")
+        loss = tv(image)                # or tv(image, weight_map), weight (N, 1, H, W)
+    """
+
+    def __init__(self, norm: str = "l1", eps: float = 0.0, reduction: str = "mean", *,
+                 backend: str = "auto"):
+        super().__init__()
+        self.norm = norm
+        self.eps = eps
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, input: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+        return F.total_variation(input, weight, norm=self.norm, eps=self.eps,
+                                 reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        extras = [f"norm={self.norm!r}", f"reduction={self.reduction!r}"]
+        if self.eps:
+            extras.append(f"eps={self.eps}")
+        return ", ".join(extras)
