@@ -359,3 +359,99 @@ OPS = [
     OpInfo("linear_cross_entropy", _lce, _lce_ref, _lce_samples, _lce_bad, _lce_ops,
            _lce_gradcheck, _lce_compile),
 ]
+
+
+# total_variation -----------------------------------------------------------------------------
+
+
+def _tv(input, weight=None, **kw):
+    return fusedloss.total_variation(input, weight, **kw)
+
+
+def _tv_ref(input, weight=None, **kw):
+    return reference.total_variation(input, weight, **kw)
+
+
+def _tv_samples(device):
+    x = lambda *s: make(s, device=device)  # noqa: E731
+    w = lambda *s: torch.rand(s, device=device) + 0.5  # noqa: E731
+    return [
+        Sample("l1-mean", (x(2, 3, 7, 9),)),
+        Sample("l2-sum", (x(2, 3, 5, 6),), {"norm": "l2_squared", "reduction": "sum"}),
+        Sample("iso-none", (x(2, 3, 6, 5),), {"norm": "isotropic", "reduction": "none"}),
+        Sample("iso-eps-weighted", (x(2, 3, 6, 5), w(2, 1, 6, 5)),
+               {"norm": "isotropic", "eps": 1e-3}),
+        Sample("l1-weighted-none", (x(2, 3, 5, 21), w(2, 1, 5, 21)), {"reduction": "none"}),
+        Sample("l2-weight-row", (x(3, 4, 19), w(4, 1)), {"norm": "l2_squared"}),
+        Sample("single-image", (x(17, 33),), {"reduction": "none"}),
+        Sample("h1", (x(2, 1, 40),), {"reduction": "none"}),
+        Sample("w1", (x(2, 40, 1),), {"norm": "isotropic"}),
+        Sample("bands", (x(1, 2, 70, 600), w(70, 600)), {"norm": "isotropic", "reduction": "sum"}),
+        Sample("5d-weight", (x(2, 2, 3, 4, 5), w(1, 2, 1, 4, 5)), {"reduction": "none"}),
+        Sample("empty-batch", (x(0, 3, 4, 5),), empty=True),
+        Sample("empty-hw", (x(2, 3, 0, 5),), {"norm": "isotropic"}, empty=True),
+    ]
+
+
+def _tv_bad(device):
+    x = make((2, 3, 4, 5), device=device)
+    return [
+        BadInput("input-1d", (x[0, 0, 0],), {}, ValueError, "input"),
+        BadInput("input-dtype", (x.long(),), {}, TypeError, "input"),
+        BadInput("norm", (x,), {"norm": "l3"}, ValueError, "norm"),
+        BadInput("norm-type", (x,), {"norm": 1}, ValueError, "norm"),
+        BadInput("eps-negative", (x,), {"norm": "isotropic", "eps": -1e-3}, ValueError, "eps"),
+        BadInput("eps-nan", (x,), {"norm": "isotropic", "eps": float("nan")}, ValueError, "eps"),
+        BadInput("eps-l1", (x,), {"eps": 1e-3}, ValueError, "eps"),
+        BadInput("weight-shape", (x, torch.ones(3, 1, 1, device=device)[:2]), {}, ValueError,
+                 "weight"),
+        BadInput("weight-larger", (x, torch.ones(4, 2, 3, 4, 5, device=device)), {}, ValueError,
+                 "weight"),
+        BadInput("weight-dtype", (x, torch.ones(4, 5, dtype=torch.long, device=device)), {},
+                 TypeError, "weight"),
+        BadInput("reduction", (x,), {"reduction": "avg"}, ValueError, "reduction"),
+        BadInput("backend", (x,), {"backend": "tpu"}, ValueError, "backend"),
+    ]
+
+
+def _tv_ops(device, backend):
+    op = torch.ops.fusedloss.tv_fwd
+    x = make((2, 3, 5, 6), device=device)
+    w = torch.rand(2, 1, 5, 6, device=device)
+    out = []
+    for norm, eps in ((0, 0.0), (1, 0.0), (2, 1e-3)):
+        for cg in (False, True):
+            out.append((op, (x.clone().requires_grad_(cg), w if cg else None, norm, eps, 0.25,
+                             cg, backend)))
+    out.append((op, (make((4, 7), device=device).requires_grad_(), None, 0, 0.0, 1.0, True,
+                     backend)))
+    if backend != "triton":  # fusedloss._C's device op on the canonical (P, Q, H, W)
+        c_op = torch.ops.fusedloss_C.tv_fwd
+        for cg in (False, True):
+            out.append((c_op, (x, w.expand(x.shape), 2, 1e-3, 0.5, cg)))
+    return out
+
+
+def _tv_gradcheck(device):
+    x = lambda *s: make(s, torch.float64, device)  # noqa: E731
+    w = torch.rand(2, 1, 4, 5, dtype=torch.float64, device=device) + 0.5
+    return [
+        Sample("l1", (x(2, 2, 4, 5),)),
+        Sample("l2-none", (x(2, 2, 4, 5),), {"norm": "l2_squared", "reduction": "none"}),
+        Sample("iso-weighted", (x(2, 2, 4, 5), w), {"norm": "isotropic", "reduction": "sum"}),
+        Sample("iso-eps-none", (x(2, 2, 4, 5),), {"norm": "isotropic", "eps": 0.1,
+                                                  "reduction": "none"}),
+    ]
+
+
+def _tv_compile(device):
+    x = make((2, 3, 6, 7), device=device)
+    w = torch.rand(2, 1, 6, 7, device=device)
+    return [
+        Sample("l1-mean", (x,)),
+        Sample("iso-weighted-none", (x, w), {"norm": "isotropic", "reduction": "none"}),
+    ]
+
+
+OPS.append(OpInfo("tv", _tv, _tv_ref, _tv_samples, _tv_bad, _tv_ops, _tv_gradcheck,
+                  _tv_compile))
