@@ -163,6 +163,24 @@ def scenarios(quick):
         "ld+st"
     yield "CE cls N=4096 C=1001 bf16 smoothing", ce(4096, 1001, 1, torch.bfloat16, ls=0.1), \
         "ld+st"
+    # Total variation (kernels/tv.py): the bench's image batch and 4K frame, each norm, weighted
+    # (a per-image map (N, 1, H, W), read by stride) or not, with and without the gradient.
+    from fusedloss.kernels import tv
+
+    def tv_call(shape, dtype, norm, weight, grad):
+        x = empty(*shape, dtype=dtype)
+        w = empty(shape[0], 1, *shape[2:], dtype=dtype).expand(shape) if weight else None
+        return lambda: tv.tv_fwd(x, w, norm, 1e-6 if norm == 2 else 0.0, 1.0, grad)
+
+    for shape in ((16, 3, 512, 512), (1, 3, 2160, 3840)):
+        for dname, dt in {"fp32": torch.float32, "bf16": torch.bfloat16}.items():
+            for norm, nname in enumerate(("l1", "l2_squared", "isotropic")):
+                for weight in (False, True):
+                    yield (f"TV {shape} {dname} {nname}{' weight' if weight else ''}",
+                           tv_call(shape, dt, norm, weight, True), "ld+st")
+            yield f"TV {shape} {dname} l1 no-grad", tv_call(shape, dt, 0, False, False), "ld"
+    yield "TV (2, 3, 517, 301) fp64 isotropic weight", \
+        tv_call((2, 3, 517, 301), torch.float64, 2, True, True), ""
 
 
 # ------------------------------------------------------------------------------------------------
