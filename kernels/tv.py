@@ -24,7 +24,7 @@ from ._common import _INTERPRETED, _check_device, _check_grid, _quiet, _store_ro
 
 __all__ = ["tv_fwd"]
 
-_TILE = 2048        # pixels per program (BLOCK_H x BLOCK_W)
+_TILE = 2048        # pixels per program (BLOCK_H x BLOCK_W); half that for float64 (no spills)
 _MAX_BLOCK_W = 256  # columns per program: 128-bit rows of float32 for 64 threads
 _NUM_WARPS = 4
 
@@ -105,11 +105,12 @@ def _tv_fwd_kernel(
         _store_rounded(grad_ptr + g_off, g, (r < H) & (c < W), EMULATE_RTNE)
 
 
-def _blocks(H, W):
-    """(BLOCK_H, BLOCK_W): up to _MAX_BLOCK_W columns, _TILE pixels, no wider or taller than the
-    image needs (powers of two)."""
+def _blocks(H, W, dtype):
+    """(BLOCK_H, BLOCK_W): up to _MAX_BLOCK_W columns, _TILE pixels (float64: half), no wider or
+    taller than the image needs (powers of two)."""
+    tile = _TILE // 2 if dtype == torch.float64 else _TILE
     block_w = min(triton.next_power_of_2(max(W, 1)), _MAX_BLOCK_W)
-    block_h = min(triton.next_power_of_2(max(H, 1)), max(1, _TILE // block_w))
+    block_h = min(triton.next_power_of_2(max(H, 1)), max(1, tile // block_w))
     return block_h, block_w
 
 
@@ -132,7 +133,7 @@ def tv_fwd(input, weight, norm, eps, loss_scale, compute_grad):
             else input.new_empty((0,)))
     if P * Q == 0 or H * W == 0:
         return torch.zeros((P, Q), dtype=acc, device=input.device), grad
-    block_h, block_w = _blocks(H, W)
+    block_h, block_w = _blocks(H, W, input.dtype)
     tiles_h, tiles_w = triton.cdiv(H, block_h), triton.cdiv(W, block_w)
     grid = _check_grid((P * Q * tiles_h * tiles_w,), "tv_fwd")
     partial = torch.empty(grid[0], dtype=acc, device=input.device)
