@@ -73,9 +73,6 @@ std::tuple<Tensor, Tensor> tv_fwd_cpu(const Tensor& input, const std::optional<T
   if (a.grad) {
     for (int k = 0; k < 4; ++k) a.gs[k] = grad.stride(k);
   }
-  if (compute_grad && grad.numel() == 0) {
-    a.grad = nullptr;
-  }
   FL_CPU_DISPATCH(tv_kernel, a);
   return {loss, grad};
 }
