@@ -56,8 +56,8 @@ def layouts(x):
     if x.dim() == 4:
         yield "channels_last", x.contiguous(memory_format=torch.channels_last)
     yield "transposed", x.transpose(-1, -2).contiguous().transpose(-1, -2)
-    yield "strided", torch.empty(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)[..., ::2] \
-        .copy_(x)
+    yield "strided", torch.empty(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype,
+                                 device=x.device)[..., ::2].copy_(x)
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -244,7 +244,7 @@ def test_isotropic_eps(backend, device):
     x = torch.ones(2, 3, 5, 4, device=device)
     got = fusedloss.total_variation(x, norm="isotropic", eps=0.04, reduction="sum",
                                     backend=backend)
-    close(got, torch.tensor(x.numel() * 0.2), torch.float32, "flat")
+    close(got, torch.tensor(x.numel() * 0.2, device=device), torch.float32, "flat")
 
 
 TV_ISA_CASES = r"""
