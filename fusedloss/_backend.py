@@ -42,6 +42,8 @@ OPS = {
     "linear_cross_entropy": ("cross_entropy_fwd_inplace", "cross_entropy"),
     "scale_grad": ("scale_grad_", "scale_grad"),
     "logsumexp": ("logsumexp_fwd", "logsumexp"),
+    "sigmoid_focal": ("sigmoid_focal_fwd", "sigmoid_focal"),
+    "bce": ("bce_fwd", "bce"),
 }
 
 

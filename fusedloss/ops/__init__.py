@@ -7,3 +7,4 @@ from . import (  # noqa: F401  (importing them registers the fusedloss:: custom 
     logsumexp,
     scale_grad,
 )
+from . import bce, sigmoid_focal  # noqa: F401,E402  (the per-element losses)
