@@ -14,9 +14,9 @@ from torch.autograd import forward_ad as _forward_ad
 
 from . import _backend, reference
 from . import _checks as C
+from .ops import bce as _bce_ops
 from .ops import cross_entropy as _ce_ops
 from .ops import linear_cross_entropy as _lce_ops
-from .ops import bce as _bce_ops
 from .ops import sigmoid_focal as _sf_ops
 from .ops._common import ElementwiseLossEager as _EwEager
 

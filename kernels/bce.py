@@ -8,8 +8,7 @@ import triton
 import triton.language as tl
 
 from ._common import _INTERPRETED, _check_device, _quiet, _store_rounded, _tl_acc
-from ._elementwise import _ew_index, _ew_load, _logistic, ew_grid, ew_layout, ew_outputs, \
-    ew_result
+from ._elementwise import _ew_index, _ew_load, _logistic, ew_grid, ew_layout, ew_outputs, ew_result
 
 __all__ = ["bce_fwd"]
 

@@ -437,7 +437,8 @@ def _sf_compile(device):
     x = make((4, 6), device=device)
     t = soft_targets((4, 6), device)
     return [
-        Sample("mean-weight", (x, t), {"reduction": "mean", "weight": torch.rand(6, device=device)}),
+        Sample("mean-weight", (x, t),
+               {"reduction": "mean", "weight": torch.rand(6, device=device)}),
         Sample("none", (x, t)),
     ]
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _ew_common import grads_of, skip_unless, thread_counts
 
 import fusedloss
-from _ew_common import grads_of, skip_unless, thread_counts
 from _support import assert_half_precision_ok, make, soft_targets
 from fusedloss import reference
 
