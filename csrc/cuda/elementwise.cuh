@@ -115,6 +115,19 @@ __device__ __forceinline__ void ew_offsets(const EwShape& sh, index_t i, int n,
   }
 }
 
+// Element i -> the offset of tensor j alone (the VEC kernel's gathers: fewer live registers).
+template <typename index_t>
+__device__ __forceinline__ int64_t ew_offset(const EwShape& sh, index_t i, int j) {
+  int64_t off = 0;
+  for (int k = sh.ndim - 1; k >= 0; --k) {
+    const index_t sz = static_cast<index_t>(sh.size[k]);
+    const index_t q = i / sz;
+    off += static_cast<int64_t>(i - q * sz) * sh.stride[j][k];
+    i = q;
+  }
+  return off;
+}
+
 template <typename P>
 struct EwPointers {
   const typename P::scalar_t* x;
@@ -196,9 +209,8 @@ __global__ void __launch_bounds__(kEwThreads)
       } else {
 #pragma unroll
         for (int lane = 0; lane < VEC; ++lane) {
-          int64_t off[kEwMaxOps + 1];
-          ew_offsets(sh, static_cast<index_t>(e + lane), K + 1, off);
-          o[j][lane] = static_cast<acc_t>(ptr.ops[j][off[j + 1]]);
+          o[j][lane] = static_cast<acc_t>(
+              ptr.ops[j][ew_offset(sh, static_cast<index_t>(e + lane), j + 1)]);
         }
       }
     }
@@ -226,12 +238,11 @@ __global__ void __launch_bounds__(kEwThreads)
   const int64_t rest = head + (numel - (head + nvec * VEC));
   for (int64_t r = tid; r < rest; r += nt) {
     const int64_t i = r < head ? r : head + nvec * VEC + (r - head);
-    int64_t off[kEwMaxOps + 1];
-    ew_offsets(sh, static_cast<index_t>(i), K + 1, off);
     acc_t o[K > 0 ? K : 1];
 #pragma unroll
     for (int j = 0; j < K; ++j) {
-      o[j] = static_cast<acc_t>(ptr.ops[j][sh.flat[j + 1] ? i : off[j + 1]]);
+      o[j] = static_cast<acc_t>(
+          ptr.ops[j][sh.flat[j + 1] ? i : ew_offset(sh, static_cast<index_t>(i), j + 1)]);
     }
     acc_t loss, grad;
     pol(static_cast<acc_t>(ptr.x[i]), o, loss, grad);
