@@ -170,16 +170,17 @@ __global__ void __launch_bounds__(kEwThreads)
   }
 }
 
-// VEC elements of a flat operand at element e (16-byte aligned): 128-bit loads.
-template <typename A, typename T, int VEC>
-__device__ __forceinline__ void load_flat(const T* p, int64_t e, A (&out)[VEC]) {
+// VEC elements of a flat operand at element e (16-byte aligned): 128-bit loads, kept in the
+// operand's own type (16-bit values stay packed: fewer registers than VEC floats).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_flat(const T* p, int64_t e, T (&out)[VEC]) {
   constexpr int TV = vec_size<T>();
   static_assert(VEC % TV == 0, "whole 128-bit vectors");
 #pragma unroll
   for (int b = 0; b < VEC / TV; ++b) {
     const auto v = load_vec(p + e + b * TV);
 #pragma unroll
-    for (int l = 0; l < TV; ++l) out[b * TV + l] = static_cast<A>(v.val[l]);
+    for (int l = 0; l < TV; ++l) out[b * TV + l] = v.val[l];
   }
 }
 
@@ -191,6 +192,7 @@ __global__ void __launch_bounds__(kEwThreads)
                   int64_t nvec) {
   using acc_t = typename P::acc_t;
   using scalar_t = typename P::scalar_t;
+  using aux_t = typename P::aux_t;
   constexpr int K = P::kOps;
   constexpr int VEC = vec_size<scalar_t>();
   __shared__ BlockReduceStorage<SumState<acc_t>, kEwThreads> red;
@@ -199,40 +201,33 @@ __global__ void __launch_bounds__(kEwThreads)
   const int64_t nt = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t v = tid; v < nvec; v += nt) {
     const int64_t e = head + v * VEC;
-    acc_t x[VEC], l[VEC], g[VEC];
-    load_flat<acc_t, scalar_t, VEC>(ptr.x, e, x);
-    acc_t o[K > 0 ? K : 1][VEC];
+    const AlignedVec<scalar_t, VEC> xv = load_vec(ptr.x + e);
+    aux_t o[K > 0 ? K : 1][VEC];
 #pragma unroll
     for (int j = 0; j < K; ++j) {
       if (sh.flat[j + 1]) {
-        load_flat<acc_t, typename P::aux_t, VEC>(ptr.ops[j], e, o[j]);
+        load_flat<aux_t, VEC>(ptr.ops[j], e, o[j]);
       } else {
 #pragma unroll
         for (int lane = 0; lane < VEC; ++lane) {
-          o[j][lane] = static_cast<acc_t>(
-              ptr.ops[j][ew_offset(sh, static_cast<index_t>(e + lane), j + 1)]);
+          o[j][lane] = ptr.ops[j][ew_offset(sh, static_cast<index_t>(e + lane), j + 1)];
         }
       }
     }
+    AlignedVec<scalar_t, VEC> lv, gv;
 #pragma unroll
     for (int lane = 0; lane < VEC; ++lane) {
       acc_t ol[K > 0 ? K : 1];
 #pragma unroll
-      for (int j = 0; j < K; ++j) ol[j] = o[j][lane];
-      pol(x[lane], ol, l[lane], g[lane]);
-      sum += l[lane];
+      for (int j = 0; j < K; ++j) ol[j] = static_cast<acc_t>(o[j][lane]);
+      acc_t l, g;
+      pol(static_cast<acc_t>(xv.val[lane]), ol, l, g);
+      sum += l;
+      lv.val[lane] = static_cast<scalar_t>(l);
+      gv.val[lane] = static_cast<scalar_t>(g);
     }
-    AlignedVec<scalar_t, VEC> out;
-    if (ptr.loss) {
-#pragma unroll
-      for (int lane = 0; lane < VEC; ++lane) out.val[lane] = static_cast<scalar_t>(l[lane]);
-      store_vec(ptr.loss + e, out);
-    }
-    if (ptr.grad) {
-#pragma unroll
-      for (int lane = 0; lane < VEC; ++lane) out.val[lane] = static_cast<scalar_t>(g[lane]);
-      store_vec(ptr.grad + e, out);
-    }
+    if (ptr.loss) store_vec(ptr.loss + e, lv);
+    if (ptr.grad) store_vec(ptr.grad + e, gv);
   }
   // head and tail, one element per thread
   const int64_t rest = head + (numel - (head + nvec * VEC));
