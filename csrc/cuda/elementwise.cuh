@@ -8,8 +8,9 @@
 //     when some operand is not flat;
 //   - VEC path: when the input and every flat operand start at a compatible 16-byte alignment, each
 //     thread takes VEC = 16 / sizeof(scalar_t) consecutive elements: 128-bit loads of the input,
-//     128-bit loads of flat operands (one or two per VEC elements), gathers of broadcast ones, and
-//     one 128-bit store each of the loss ('none') and the gradient (head / aligned body / tail);
+//     128-bit loads of flat operands (one or two per VEC elements), gathers of broadcast ones
+//     (32-bit index math only: past 2^31 elements a broadcast operand takes the strided kernel),
+//     and one 128-bit store each of the loss ('none') and the gradient;
 //   - 'mean' / 'sum': each thread sums its elements, each block its threads (block_sum) into
 //     partial[blockIdx.x], and one block adds the partials in a fixed order (ew_finish): the same
 //     bits on every run for a given grid, no atomics.
@@ -186,7 +187,9 @@ __device__ __forceinline__ void load_flat(const T* p, int64_t e, T (&out)[VEC]) 
 
 // The VEC loop: the input flat and 16-byte aligned at element `head` (so are the flat operands:
 // checked on the host); elements [head, head + nvec * VEC) in vectors, the rest one by one.
-template <typename P, typename index_t>
+// GATHER: some operand is not flat (its values are gathered by index math); instantiated with
+// 32-bit indices only (a 64-bit division is a call whose saved registers spill).
+template <typename P, typename index_t, bool GATHER>
 __global__ void __launch_bounds__(kEwThreads)
     ew_vec_kernel(P pol, EwPointers<P> ptr, EwShape sh, index_t numel, int64_t head,
                   int64_t nvec) {
@@ -205,7 +208,7 @@ __global__ void __launch_bounds__(kEwThreads)
     aux_t o[K > 0 ? K : 1][VEC];
 #pragma unroll
     for (int j = 0; j < K; ++j) {
-      if (sh.flat[j + 1]) {
+      if (!GATHER || sh.flat[j + 1]) {
         load_flat<aux_t, VEC>(ptr.ops[j], e, o[j]);
       } else {
 #pragma unroll
@@ -236,8 +239,9 @@ __global__ void __launch_bounds__(kEwThreads)
     acc_t o[K > 0 ? K : 1];
 #pragma unroll
     for (int j = 0; j < K; ++j) {
-      o[j] = static_cast<acc_t>(
-          ptr.ops[j][sh.flat[j + 1] ? i : ew_offset(sh, static_cast<index_t>(i), j + 1)]);
+      o[j] = static_cast<acc_t>(ptr.ops[j][!GATHER || sh.flat[j + 1]
+                                               ? i
+                                               : ew_offset(sh, static_cast<index_t>(i), j + 1)]);
     }
     acc_t loss, grad;
     pol(static_cast<acc_t>(ptr.x[i]), o, loss, grad);
@@ -288,14 +292,12 @@ void launch_elementwise_loss(const P& pol, const EwPointers<P>& ptr, const EwSha
   // `head` only when head == 0
   vec = vec && sp.head == 0;
   const bool small = numel < (int64_t(1) << 31) && grid * kEwThreads < (int64_t(1) << 31);
-  if (vec) {
-    if (small) {
-      ew_vec_kernel<P, uint32_t><<<grid_1d(grid), kEwThreads, 0, stream>>>(
-          pol, ptr, sh, static_cast<uint32_t>(numel), sp.head, sp.nvec);
-    } else {
-      ew_vec_kernel<P, uint64_t><<<grid_1d(grid), kEwThreads, 0, stream>>>(
-          pol, ptr, sh, static_cast<uint64_t>(numel), sp.head, sp.nvec);
-    }
+  if (vec && small && !sh.all_flat) {
+    ew_vec_kernel<P, uint32_t, true><<<grid_1d(grid), kEwThreads, 0, stream>>>(
+        pol, ptr, sh, static_cast<uint32_t>(numel), sp.head, sp.nvec);
+  } else if (vec && sh.all_flat) {
+    ew_vec_kernel<P, uint64_t, false><<<grid_1d(grid), kEwThreads, 0, stream>>>(
+        pol, ptr, sh, static_cast<uint64_t>(numel), sp.head, sp.nvec);
   } else if (small) {
     ew_strided_kernel<P, uint32_t><<<grid_1d(grid), kEwThreads, 0, stream>>>(
         pol, ptr, sh, static_cast<uint32_t>(numel));
