@@ -106,7 +106,7 @@ echo "check_cuda: $("$NVCC" --version | tail -n 1) ($NVCC), torch from $PY, -std
 
 # Kernels whose bodies are read and written in 16-byte vectors: their PTX must hold a 128-bit
 # global load and a 128-bit global store.
-VEC_KERNELS="${VEC_KERNELS:-softmax_rows_(warp|block)_kernel|scale_flat_kernel}"
+VEC_KERNELS="${VEC_KERNELS:-softmax_rows_(warp|block)_kernel|scale_flat_kernel|ew_vec_kernel}"
 
 # Compiler output without ptxas's per-function info lines (they go to the table below).
 print_log() {

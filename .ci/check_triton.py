@@ -141,6 +141,7 @@ def scenarios(quick):
         yield f"scale_grad scalar N*V=2^34 V={V} bf16", scale((n, V, 1), torch.bfloat16, False), \
             "ld+st"
     yield "CE seg N=1 C=19 D=2^34/19 bf16", ce(1, 19, 2**34 // 19, torch.bfloat16), ""
+    yield from elementwise_scenarios(quick)
     if quick:
         return
     fp16 = torch.float16
@@ -181,6 +182,50 @@ def scenarios(quick):
             yield f"TV {shape} {dname} l1 no-grad", tv_call(shape, dt, 0, False, False), "ld"
     yield "TV (2, 3, 517, 301) fp64 isotropic weight", \
         tv_call((2, 3, 517, 301), torch.float64, 2, True, True), ""
+
+
+def elementwise_scenarios(quick):
+    """sigmoid_focal_fwd and bce_fwd: detection (16, 100000, 80) and segmentation
+    (64, 1, 512, 512) shapes, every feature flag, a broadcast (strided) operand, 2^34 elements."""
+    import torch
+
+    from fusedloss.kernels import bce, sigmoid_focal
+
+    def empty(*shape, dtype):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    def sf(shape, dtype, weight=None, alpha=0.25, gamma=2.0, red=1, grad=True):
+        x, t = empty(*shape, dtype=dtype), empty(*shape, dtype=dtype)
+        w = None if weight is None else empty(*weight, dtype=dtype)
+        return lambda: sigmoid_focal.sigmoid_focal_fwd(x, t, w, alpha, gamma, 1.0, red, grad)
+
+    def bc(shape, dtype, weight=None, pos_weight=None, red=1, grad=True):
+        x, t = empty(*shape, dtype=dtype), empty(*shape, dtype=dtype)
+        w = None if weight is None else empty(*weight, dtype=dtype)
+        pw = None if pos_weight is None else empty(*pos_weight, dtype=dtype)
+        return lambda: bce.bce_fwd(x, t, w, pw, 1.0, red, grad)
+
+    det, seg = (16, 100000, 80), (64, 1, 512, 512)
+    dtypes = {"bf16": torch.bfloat16} if quick else {"fp32": torch.float32,
+                                                      "bf16": torch.bfloat16}
+    for dname, dt in dtypes.items():
+        yield f"sigmoid_focal {det} {dname} mean", sf(det, dt), "ld+st"
+        yield f"sigmoid_focal {det} {dname} none", sf(det, dt, red=0), "ld+st"
+        yield f"sigmoid_focal {det} {dname} gamma0 no-alpha", sf(det, dt, alpha=-1.0, gamma=0.0), \
+            "ld+st"
+        yield f"sigmoid_focal {det} {dname} class weight (80,)", sf(det, dt, weight=(80,)), "ld+st"
+        yield f"sigmoid_focal {det} {dname} full weight no-grad", \
+            sf(det, dt, weight=det, grad=False), "ld"
+        yield f"bce {seg} {dname} mean", bc(seg, dt), "ld+st"
+        yield f"bce {seg} {dname} none weight+pos_weight", \
+            bc(seg, dt, weight=seg, pos_weight=(1, 1, 1), red=0), "ld+st"
+        yield f"bce (8, 19, 512, 512) {dname} pos_weight (19, 1, 1)", \
+            bc((8, 19, 512, 512), dt, pos_weight=(19, 1, 1)), "ld+st"
+    yield "bce 2^34 elements bf16 sum", bc((2**20, 2**14), torch.bfloat16, red=2), "ld+st"
+    if not quick:
+        yield "sigmoid_focal (4, 1000, 80) fp64", sf((4, 1000, 80), torch.float64), "ld+st"
+        yield "bce (16, 1000) fp16 pos_weight", bc((16, 1000), torch.float16,
+                                                   pos_weight=(1000,)), "ld+st"
 
 
 # ------------------------------------------------------------------------------------------------

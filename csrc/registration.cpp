@@ -61,4 +61,16 @@ TORCH_LIBRARY(fusedloss_C, m) {
   m.def(
       "tv_fwd(Tensor input, Tensor? weight, int norm, float eps, float loss_scale, "
       "bool compute_grad) -> (Tensor loss, Tensor grad)");
+  // Per-element losses on the elementwise skeleton. input: any shape (at most 8 dims) and strides;
+  // target: input's shape; weight / pos_weight: broadcastable to input's shape, read by stride.
+  // reduction 0 = none (loss: per element, input's shape and dtype), 1 = mean, 2 = sum (loss: a
+  // 0-d tensor of the accumulation dtype, the deterministic sum times loss_scale). grad (with
+  // compute_grad, else an empty tensor): d(sum of the returned loss)/d(input), contiguous, input's
+  // dtype (loss_scale multiplies it). See docs/KERNELS.md.
+  m.def(
+      "sigmoid_focal_fwd(Tensor input, Tensor target, Tensor? weight, float alpha, float gamma, "
+      "float loss_scale, int reduction, bool compute_grad) -> (Tensor loss, Tensor grad)");
+  m.def(
+      "bce_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, float loss_scale, "
+      "int reduction, bool compute_grad) -> (Tensor loss, Tensor grad)");
 }

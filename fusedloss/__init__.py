@@ -11,10 +11,17 @@ __version__ = "0.1.0"
 # _ext first: it loads fusedloss._C, if built, before the ops register fake kernels for it.
 from . import _ext, nn, ops, reference  # noqa: F401  (ops registers the torch.library custom ops)
 from ._backend import status as _status
-from .functional import cross_entropy, linear_cross_entropy, total_variation
+from .functional import (
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    linear_cross_entropy,
+    sigmoid_focal_loss,
+    total_variation,
+)
 
-__all__ = ["backends", "cross_entropy", "distributed", "linear_cross_entropy", "nn", "reference",
-           "__version__", "total_variation"]
+__all__ = ["backends", "binary_cross_entropy_with_logits", "cross_entropy", "distributed",
+           "linear_cross_entropy", "nn", "reference", "sigmoid_focal_loss", "total_variation",
+           "__version__"]
 
 
 def __getattr__(name: str):

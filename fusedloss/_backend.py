@@ -44,6 +44,8 @@ OPS = {
     "logsumexp": ("logsumexp_fwd", "logsumexp"),
     "tv": ("tv_fwd", "tv"),
     "total_variation": ("tv_fwd", "tv"),  # the public function's name for fusedloss.backends()
+    "sigmoid_focal": ("sigmoid_focal_fwd", "sigmoid_focal"),
+    "bce": ("bce_fwd", "bce"),
 }
 
 

@@ -36,5 +36,5 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
         return False
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedloss_C::{op}", dispatch_key)
-    except RuntimeError:  # a _C built before the op existed has no schema for it
+    except RuntimeError:  # a _C built before the op's schema existed (a stale build)
         return False

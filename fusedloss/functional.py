@@ -14,11 +14,15 @@ from torch.autograd import forward_ad as _forward_ad
 
 from . import _backend, reference
 from . import _checks as C
+from .ops import bce as _bce_ops
 from .ops import cross_entropy as _ce_ops
 from .ops import linear_cross_entropy as _lce_ops
+from .ops import sigmoid_focal as _sf_ops
 from .ops import tv as _tv_ops
+from .ops._common import ElementwiseLossEager as _EwEager
 
-__all__ = ["cross_entropy", "linear_cross_entropy", "total_variation"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "sigmoid_focal_loss",
+           "binary_cross_entropy_with_logits", "total_variation"]
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # csrc/registration.cpp's cross_entropy_loss
 
@@ -311,3 +315,95 @@ def total_variation(
         if reduction == "mean" and numel == 0:
             loss = loss / 0.0  # the NaN of an empty mean, as the reference's sum / numel
     return loss if loss.dtype == input.dtype else loss.to(input.dtype)
+# Per-element losses (the elementwise skeleton) -----------------------------------------------
+
+_EW_MAX_DIMS = 8  # the kernels' dimension cap (csrc/cpu/elementwise.h); more: the reference
+
+
+def _ew_reference(input: Tensor, *others: Optional[Tensor]) -> bool:
+    """A per-element loss call the reference runs although a fused backend was chosen: a gradient
+    wanted for target, weight or pos_weight (torch gives one; the fused kernels compute the
+    input's only), or an input of more than _EW_MAX_DIMS dimensions."""
+    if input.dim() > _EW_MAX_DIMS:
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return any(o is not None and o.requires_grad for o in others)
+
+
+def _ew_loss_scale(input: Tensor, reduction: int) -> float:
+    """The 'mean' factor 1/numel, known on the host (inf for an empty input: torch's NaN)."""
+    if reduction != 1:
+        return 1.0
+    n = input.numel()
+    return 1.0 / n if n else float("inf")
+
+
+def _ew_run(name: str, backend: str, input: Tensor, custom_op, args: tuple, reduction: int):
+    """The op of a per-element loss (``kernel(input, *args, compute_grad)`` on the backend):
+    the custom op under torch.compile, else the kernel directly (with the eager autograd when the
+    input needs a gradient). Returns the loss in the input's dtype."""
+    needs_grad = input.requires_grad and torch.is_grad_enabled()
+    if torch.compiler.is_compiling():
+        loss, _ = custom_op(input, *args, needs_grad, backend)
+    else:
+        kernel = getattr(_backend.kernels(name, backend), f"{name}_fwd")
+        if needs_grad:
+            loss = _EwEager.apply(input, name, kernel, backend, *args)
+        else:
+            loss, _ = kernel(input, *args, False)
+    return loss if loss.dtype == input.dtype else loss.to(input.dtype)
+
+
+def sigmoid_focal_loss(
+    input: Tensor,
+    target: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+    *,
+    weight: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Fused ``torchvision.ops.sigmoid_focal_loss`` (soft targets allowed; ``alpha < 0`` disables
+    the alpha term; default reduction 'none'; 'mean' over all elements), plus an optional
+    ``weight`` broadcastable to the input that multiplies each element's loss (read by stride,
+    never expanded).
+
+    One pass over the input in log space (``q**gamma = exp(gamma * log q)``): no finite logit
+    gives inf or NaN in the loss or the gradient, in any dtype, for any ``gamma >= 0``. The
+    gradient is computed in the forward when ``input`` requires grad. A gradient for ``target``
+    or ``weight`` (when they require grad) comes from the reference, which computes the call.
+    """
+    alpha, gamma = C.sigmoid_focal_loss_args(input, target, alpha, gamma, reduction, weight)
+    name = _fused_backend("sigmoid_focal", backend, input, target, weight)
+    if name is None or _ew_reference(input, target, weight):
+        return reference.sigmoid_focal_loss(input, target, alpha, gamma, reduction, weight=weight)
+    red = _REDUCTIONS[reduction]
+    args = (target, weight, alpha, gamma, _ew_loss_scale(input, red), red)
+    return _ew_run("sigmoid_focal", name, input, _sf_ops.sigmoid_focal_fwd, args, red)
+
+
+def binary_cross_entropy_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """Fused ``torch.nn.functional.binary_cross_entropy_with_logits``: the same arguments and
+    results (the ValueError on a size mismatch, ``weight`` and ``pos_weight`` broadcast, 'mean'
+    over all elements), one pass over the input with the gradient computed in the forward;
+    ``weight`` and ``pos_weight`` are read by stride, never expanded. A gradient for ``target``,
+    ``weight`` or ``pos_weight`` (when they require grad) comes from the reference, which computes
+    the call."""
+    C.binary_cross_entropy_with_logits_args(input, target, weight, reduction, pos_weight)
+    name = _fused_backend("bce", backend, input, target, weight, pos_weight)
+    if name is None or _ew_reference(input, target, weight, pos_weight):
+        return reference.binary_cross_entropy_with_logits(input, target, weight, reduction,
+                                                          pos_weight)
+    red = _REDUCTIONS[reduction]
+    args = (target, weight, pos_weight, _ew_loss_scale(input, red), red)
+    return _ew_run("bce", name, input, _bce_ops.bce_fwd, args, red)

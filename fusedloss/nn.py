@@ -9,7 +9,8 @@ from torch import Tensor
 
 from . import functional as F
 
-__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "TotalVariationLoss"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "SigmoidFocalLoss", "BCEWithLogitsLoss",
+           "TotalVariationLoss"]
 
 
 class _CrossEntropyOptions(torch.nn.Module):
@@ -122,3 +123,46 @@ class TotalVariationLoss(torch.nn.Module):
         if self.eps:
             extras.append(f"eps={self.eps}")
         return ", ".join(extras)
+class SigmoidFocalLoss(torch.nn.Module):
+    """Module form of :func:`fusedloss.sigmoid_focal_loss` (torchvision's function as a module):
+    ``alpha``, ``gamma``, ``reduction`` (default 'none', as torchvision) and ``backend`` fixed at
+    construction; an optional ``weight`` broadcastable to the input, kept as a buffer."""
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none", *,
+                 weight: Optional[Tensor] = None, backend: str = "auto"):
+        super().__init__()
+        self.alpha = alpha
+        self.gamma = gamma
+        self.reduction = reduction
+        self.register_buffer("weight", weight)
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.sigmoid_focal_loss(input, target, self.alpha, self.gamma, self.reduction,
+                                    weight=self.weight, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
+
+
+class BCEWithLogitsLoss(torch.nn.Module):
+    """Drop-in for ``torch.nn.BCEWithLogitsLoss`` (same constructor arguments, ``weight`` and
+    ``pos_weight`` registered as buffers as torch does, same results), plus ``backend``."""
+
+    def __init__(self, weight: Optional[Tensor] = None, size_average=None, reduce=None,
+                 reduction: str = "mean", pos_weight: Optional[Tensor] = None, *,
+                 backend: str = "auto"):
+        if size_average is not None or reduce is not None:
+            reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(input, target, self.weight, self.reduction,
+                                                  self.pos_weight, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"

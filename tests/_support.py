@@ -353,11 +353,180 @@ def _lce_compile(device):
             Sample("none", (h, w, t), {"reduction": "none"}, grad_args=(0, 1))]
 
 
+# sigmoid_focal_loss and binary_cross_entropy_with_logits (the elementwise skeleton) ------------
+
+
+def soft_targets(shape, device="cpu", hard_frac=0.5):
+    """Targets in [0, 1]: hard 0/1 values at about hard_frac of the elements, soft elsewhere."""
+    t = torch.rand(shape, dtype=torch.float64)
+    hard = torch.rand(shape) < hard_frac
+    t[hard] = (t[hard] > 0.5).double()
+    return t.float().to(device)
+
+
+def _sf_samples(device):
+    x = lambda *s: make(s, device=device)  # noqa: E731
+    t = lambda *s: soft_targets(s, device)  # noqa: E731
+    hard = lambda *s: (torch.rand(s) < 0.3).float().to(device)  # noqa: E731
+    return [
+        Sample("hard-none", (x(4, 7), hard(4, 7))),
+        Sample("soft-mean-weight", (x(3, 5, 6), t(3, 5, 6)),
+               {"reduction": "mean", "gamma": 0.5, "weight": torch.rand(5, 1, device=device)}),
+        Sample("sum-no-alpha", (x(2, 33), t(2, 33)), {"reduction": "sum", "alpha": -1.0}),
+        Sample("gamma0-mean", (x(5, 9), t(5, 9)), {"reduction": "mean", "gamma": 0.0}),
+        Sample("gamma5-weight-full", (x(6, 4), t(6, 4)),
+               {"gamma": 5.0, "alpha": 0.9, "weight": torch.rand(6, 4, device=device)}),
+        Sample("many-blocks", (x(3, 17001), t(3, 17001)), {"reduction": "sum"}),
+        Sample("0-d", (x(), t()), {"reduction": "mean"}),
+        Sample("empty", (x(0, 5), t(0, 5)), {"reduction": "mean"}, empty=True),
+    ]
+
+
+def _sf_bad(device):
+    x, t = make((4, 5), device=device), soft_targets((4, 5), device)
+    return [
+        BadInput("gamma", (x, t), {"gamma": -0.5}, ValueError, "gamma"),
+        BadInput("gamma-nan", (x, t), {"gamma": float("nan")}, ValueError, "gamma"),
+        BadInput("alpha-type", (x, t), {"alpha": "0.25"}, TypeError, "alpha"),
+        BadInput("target-shape", (x, t[:3]), {}, ValueError, "target"),
+        BadInput("target-dtype", (x, t.long()), {}, TypeError, "target"),
+        BadInput("input-dtype", (x.long(), t), {}, TypeError, "input"),
+        BadInput("weight-shape", (x, t), {"weight": torch.ones(3, device=device)}, ValueError,
+                 "weight"),
+        BadInput("weight-grows", (x, t), {"weight": torch.ones(2, 4, 5, device=device)},
+                 ValueError, "weight"),
+        BadInput("weight-dtype", (x, t), {"weight": torch.ones(5, dtype=torch.long,
+                                                                device=device)},
+                 TypeError, "weight"),
+        BadInput("reduction", (x, t), {"reduction": "avg"}, ValueError, "reduction"),
+        BadInput("backend", (x, t), {"backend": "tpu"}, ValueError, "backend"),
+    ]
+
+
+def _sf_ops(device, backend):
+    x = make((3, 4, 5), device=device)
+    t = soft_targets((3, 4, 5), device)
+    w = torch.rand(4, 1, device=device)
+    out = []
+    for red in (0, 1, 2):
+        for cg in (False, True):
+            scale = 1.0 / 60 if red == 1 else 1.0
+            out.append((torch.ops.fusedloss.sigmoid_focal_fwd,
+                        (x.clone().requires_grad_(cg), t, w, 0.25, 2.0, scale, red, cg, backend)))
+    out.append((torch.ops.fusedloss.sigmoid_focal_fwd,
+                (x.clone(), t, None, -1.0, 0.0, 1.0, 2, True, backend)))
+    if backend != "triton":
+        for red in (0, 1):
+            out.append((torch.ops.fusedloss_C.sigmoid_focal_fwd,
+                        (x.clone(), t, w, 0.25, 0.5, 1.0, red, True)))
+    return out
+
+
+def _sf_gradcheck(device):
+    x = make((3, 4), torch.float64, device)
+    t = soft_targets((3, 4), device).double()
+    w = torch.rand(4, dtype=torch.float64, device=device) + 0.1
+    return [
+        Sample("mean-weight", (x, t), {"reduction": "mean", "weight": w}),
+        Sample("none-gamma-half", (x, (t > 0.5).double()), {"gamma": 0.5}),
+        Sample("sum-no-alpha", (x, t), {"reduction": "sum", "alpha": -1.0, "gamma": 1.0}),
+    ]
+
+
+def _sf_compile(device):
+    x = make((4, 6), device=device)
+    t = soft_targets((4, 6), device)
+    return [
+        Sample("mean-weight", (x, t),
+               {"reduction": "mean", "weight": torch.rand(6, device=device)}),
+        Sample("none", (x, t)),
+    ]
+
+
+def _bce_samples(device):
+    x = lambda *s: make(s, device=device)  # noqa: E731
+    t = lambda *s: soft_targets(s, device)  # noqa: E731
+    r = lambda *s: torch.rand(s, device=device) + 0.1  # noqa: E731
+    return [
+        Sample("mean", (x(4, 7), t(4, 7))),
+        Sample("weight-pos_weight-none", (x(2, 3, 4, 5), t(2, 3, 4, 5)),
+               {"weight": r(4, 1), "pos_weight": r(5), "reduction": "none"}),
+        Sample("pos_weight-chw-sum", (x(2, 3, 4, 4), t(2, 3, 4, 4)),
+               {"pos_weight": r(3, 1, 1), "reduction": "sum"}),
+        Sample("weight-full-mean", (x(3, 8), t(3, 8)), {"weight": r(3, 8)}),
+        Sample("many-blocks", (x(2, 20003), t(2, 20003)), {"weight": r(20003), "reduction": "sum"}),
+        Sample("0-d", (x(), t()), {"reduction": "none"}),
+        Sample("empty", (x(0, 3), t(0, 3)), {"pos_weight": r(3)}, empty=True),
+    ]
+
+
+def _bce_bad(device):
+    x, t = make((4, 5), device=device), soft_targets((4, 5), device)
+    return [
+        BadInput("target-size", (x, t[:3]), {}, ValueError, "Target size"),
+        BadInput("target-dtype", (x, t.long()), {}, TypeError, "target"),
+        BadInput("input-dtype", (x.long(), t), {}, TypeError, "input"),
+        BadInput("weight-shape", (x, t), {"weight": torch.ones(3, device=device)}, ValueError,
+                 "weight"),
+        BadInput("pos_weight-shape", (x, t), {"pos_weight": torch.ones(4, device=device)},
+                 ValueError, "pos_weight"),
+        BadInput("pos_weight-dtype", (x, t), {"pos_weight": torch.ones(5, dtype=torch.long,
+                                                                        device=device)},
+                 TypeError, "pos_weight"),
+        BadInput("reduction", (x, t), {"reduction": "avg"}, ValueError, "reduction"),
+        BadInput("backend", (x, t), {"backend": "tpu"}, ValueError, "backend"),
+    ]
+
+
+def _bce_ops(device, backend):
+    x = make((3, 4, 5), device=device)
+    t = soft_targets((3, 4, 5), device)
+    w, pw = torch.rand(4, 1, device=device), torch.rand(5, device=device) + 0.5
+    out = []
+    for red in (0, 1, 2):
+        for cg in (False, True):
+            scale = 1.0 / 60 if red == 1 else 1.0
+            out.append((torch.ops.fusedloss.bce_fwd,
+                        (x.clone().requires_grad_(cg), t, w, pw, scale, red, cg, backend)))
+    out.append((torch.ops.fusedloss.bce_fwd, (x.clone(), t, None, None, 1.0, 0, True, backend)))
+    if backend != "triton":
+        for red in (0, 2):
+            out.append((torch.ops.fusedloss_C.bce_fwd, (x.clone(), t, w, pw, 1.0, red, True)))
+    return out
+
+
+def _bce_gradcheck(device):
+    x = make((3, 4), torch.float64, device)
+    t = soft_targets((3, 4), device).double()
+    w = torch.rand(3, 1, dtype=torch.float64, device=device) + 0.1
+    pw = torch.rand(4, dtype=torch.float64, device=device) + 0.5
+    return [
+        Sample("mean", (x, t)),
+        Sample("none-weights", (x, t), {"reduction": "none", "weight": w, "pos_weight": pw}),
+        Sample("sum-pos_weight", (x, t), {"reduction": "sum", "pos_weight": pw}),
+    ]
+
+
+def _bce_compile(device):
+    x = make((4, 6), device=device)
+    t = soft_targets((4, 6), device)
+    return [
+        Sample("mean", (x, t)),
+        Sample("none-pos_weight", (x, t), {"reduction": "none",
+                                           "pos_weight": torch.rand(6, device=device) + 0.5}),
+    ]
+
+
 OPS = [
     OpInfo("cross_entropy", fusedloss.cross_entropy, reference.cross_entropy, _ce_samples,
            _ce_bad, _ce_ops, _ce_gradcheck, _ce_compile, torch_half=F.cross_entropy),
     OpInfo("linear_cross_entropy", _lce, _lce_ref, _lce_samples, _lce_bad, _lce_ops,
            _lce_gradcheck, _lce_compile),
+    OpInfo("sigmoid_focal", fusedloss.sigmoid_focal_loss, reference.sigmoid_focal_loss,
+           _sf_samples, _sf_bad, _sf_ops, _sf_gradcheck, _sf_compile),
+    OpInfo("bce", fusedloss.binary_cross_entropy_with_logits,
+           reference.binary_cross_entropy_with_logits, _bce_samples, _bce_bad, _bce_ops,
+           _bce_gradcheck, _bce_compile, torch_half=F.binary_cross_entropy_with_logits),
 ]
 
 

@@ -102,6 +102,36 @@ def test_linear_cross_entropy_fwd_bwd_peak():
     assert extra <= grads + chunk_logits + 16 * MIB, (extra / MIB, (grads + chunk_logits) / MIB)
 
 
+@pytest.mark.parametrize("loss", ["sigmoid_focal", "bce"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_elementwise_losses_fwd_bwd_peak(loss, dtype):
+    """sigmoid focal and BCE, 'mean', broadcast weights: the gradient is the only input-sized
+    allocation (no per-element loss, no broadcast copy, no float32 temporary of a bf16 input);
+    the goal allows 10% of the input beyond it."""
+    shape = (8, 16, 256, 256)  # 8M elements: 32 MiB fp32, 16 MiB bf16
+    call = ("fusedloss.sigmoid_focal_loss(x, t, reduction='mean', weight=w)" if loss ==
+            "sigmoid_focal" else "fusedloss.binary_cross_entropy_with_logits(x, t, w, 'mean', pw)")
+    extra = _extra_bytes(f"""
+        base = torch.randn({shape}).to(torch.{dtype}).requires_grad_()
+        t = (torch.rand({shape}) < 0.1).to(torch.{dtype})
+        w = torch.rand(16, 1, 1, dtype=torch.{dtype})
+        pw = torch.rand(256, dtype=torch.{dtype}) * 3
+
+        def prepare():
+            base.grad = None
+            return [base.clone()]
+
+        def step(held):
+            x = held.pop()
+            loss = {call}
+            del x
+            loss.backward()
+        measure(step, prepare)
+    """)
+    size = 8 * 16 * 256 * 256 * (4 if dtype == "float32" else 2)
+    assert extra <= size * 1.1 + 2 * MIB, (extra / MIB, size / MIB)
+
+
 def _thp_mode() -> str:
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:

@@ -15,6 +15,10 @@
 //     // set loss and/or grad for those lanes. Lanes past the end of a row hold 0 or a
 //     // broadcast operand's value; their results are dropped and never summed.
 //     void operator()(const V (&in)[K], V& loss, V& grad) const;
+//     // Optional: the first kDense operands are never broadcast along the inner dimension (the
+//     // input and its same-shaped target): only the inner-stride patterns of the others are
+//     // specialised at compile time (2^(K - kDense) copies of the loop instead of 2^K).
+//     static constexpr int kDense = 2;
 //   };
 //
 // Call (from a *_kernel.cpp, inside namespace fusedloss::cpu::CPU_CAPABILITY):
@@ -47,6 +51,7 @@
 #include <array>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -169,7 +174,35 @@ inline void coalesce(EwShape& shape, int64_t* const* strides, int nops) {
   }
 }
 
+// P::kDense, or 0 for a policy without it.
+template <typename P, typename = void>
+struct DenseOperands {
+  static constexpr int value = 0;
+};
+template <typename P>
+struct DenseOperands<P, std::void_t<decltype(P::kDense)>> {
+  static constexpr int value = P::kDense;
+};
+
 }  // namespace ew_detail
+
+// The math-ops struct of the shared per-element formulas (csrc/include/fusedloss/logistic.h) on
+// vectors of A.
+template <typename A>
+struct VecMath {
+  using V = Vectorized<A>;
+  static V exp_nonpos(const V& v) { return vexp(v); }
+  static V log(const V& v) { return v.log(); }
+  static V log1p(const V& v) { return v.log1p(); }
+  static V abs(const V& v) { return v.abs(); }
+  static V max0(const V& v) { return at::vec::maximum(v, V(0)); }
+  static V if_nonneg(const V& c, const V& a, const V& b) { return V::blendv(b, a, c >= V(0)); }
+  static V if_zero(const V& c, const V& a, const V& b) { return V::blendv(b, a, c == V(0)); }
+  static V if_nan(const V& c, const V& a, const V& b) { return V::blendv(b, a, c.isnan()); }
+  static bool all_hard(const V& t) {
+    return (t * (V(1) - t)).zero_mask() == static_cast<int>((1ULL << V::size()) - 1);
+  }
+};
 
 template <typename A, typename P, typename L, typename G, typename... E>
 A elementwise(const P& pol, EwShape shape, Reduction red, Strided<L> loss_out,
@@ -280,8 +313,11 @@ A elementwise(const P& pol, EwShape shape, Reduction red, Strided<L> loss_out,
           if (s == 0) mask |= 1 << decltype(j)::value;
           fast = fast && (s == 0 || s == 1);
         });
-        if (fast) {
-          with_mode<(1 << K)>(mask, [&](auto m) { span(std::true_type(), m); });
+        constexpr int KD = ew_detail::DenseOperands<P>::value;
+        if (fast && (mask & ((1 << KD) - 1)) == 0) {
+          with_mode<(1 << (K - KD))>(mask >> KD, [&](auto m) {
+            span(std::true_type(), std::integral_constant<int, (decltype(m)::value << KD)>());
+          });
         } else {
           span(std::false_type(), std::integral_constant<int, 0>());
         }

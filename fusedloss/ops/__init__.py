@@ -2,9 +2,11 @@
 (``_common``) and the loss-agnostic upstream-gradient op (``scale_grad``)."""
 
 from . import (  # noqa: F401  (importing them registers the fusedloss:: custom ops)
+    bce,
     cross_entropy,
     linear_cross_entropy,
     logsumexp,
     scale_grad,
+    sigmoid_focal,
     tv,
 )

@@ -71,3 +71,78 @@ def times_upstream(grad: Tensor, grad_out: Tensor, backend: str, *, inplace: boo
     out = grad.clone()
     scale_grad_(out, grad_out, backend)
     return out
+
+
+# Per-element losses (sigmoid focal, BCE-with-logits) ---------------------------------------
+
+
+def times_upstream_elementwise(grad: Tensor, grad_out: Tensor, backend: str) -> Tensor:
+    """:func:`times_upstream` for a per-element loss: ``grad`` (the input's shape, contiguous) is
+    the gradient the forward saved, ``grad_out`` one scalar (a 'mean' or 'sum' loss; a scalar 1
+    costs nothing) or one value per element ('none'). The same rules: float32 math rounded once,
+    exactly-zero elements stay 0, the saved gradient left intact."""
+    if grad.numel() == 0:
+        return grad
+    if grad_out.dim() == 0:  # reduced: (1, numel, 1) times one scalar
+        return times_upstream(grad.view(1, -1, 1), grad_out.reshape(1, 1), backend,
+                              inplace=False).view(grad.shape)
+    # 'none': (numel, 1, 1) times one value per row
+    return times_upstream(grad.view(-1, 1, 1), grad_out.reshape(-1, 1), backend,
+                          inplace=False).view(grad.shape)
+
+
+class ElementwiseLossEager(torch.autograd.Function):
+    """A per-element loss kernel called with compute_grad, and its autograd: the backward is
+    :func:`times_upstream_elementwise` of the gradient the forward computed. ``kernel(input,
+    *args, compute_grad)`` returns (loss, grad). Eager only (no torch.library per-call cost);
+    under torch.compile the loss's custom op is traced instead."""
+
+    @staticmethod
+    def forward(ctx, input, name, kernel, backend, *args):
+        loss, grad = kernel(input, *args, True)
+        ctx.name = name
+        ctx.backend = backend
+        ctx.nargs = len(args)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        check_first_order(ctx.name)
+        (grad,) = ctx.saved_tensors
+        return ((times_upstream_elementwise(grad, grad_loss, ctx.backend), None, None, None)
+                + (None,) * ctx.nargs)
+
+
+def elementwise_loss_fake(input: Tensor, reduction: int, compute_grad: bool):
+    """The outputs of a per-element loss op: (loss, grad) as csrc/registration.cpp states them."""
+    if reduction == 0:
+        loss = input.new_empty(input.shape)
+    else:
+        loss = input.new_empty((), dtype=acc_dtype(input.dtype))
+    grad = input.new_empty(input.shape if compute_grad else (0,))
+    return loss, grad
+
+
+def elementwise_loss_autograd(op, name: str, nargs: int) -> None:
+    """Registers the autograd of a per-element loss custom op (outputs (loss, grad), the
+    ``compute_grad`` argument second to last, the backend last)."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+        ctx.computed_grad = inputs[-2]
+        ctx.backend = inputs[-1]
+        ctx.save_for_backward(output[1])
+
+    def backward(ctx, grad_loss, grad_grad):
+        if grad_loss is None:
+            return (None,) * nargs
+        if not ctx.computed_grad and ctx.needs_input_grad[0]:
+            raise RuntimeError(f"fusedloss.{name}: input needs a gradient but the forward ran "
+                               "without compute_grad")
+        check_first_order(name)
+        (grad,) = ctx.saved_tensors
+        return (times_upstream_elementwise(grad, grad_loss, ctx.backend),) + (None,) * (nargs - 1)
+
+    op.register_autograd(backward, setup_context=setup_context)

@@ -1,0 +1,150 @@
+"""Sigmoid focal loss benchmark cases: detection-shaped logits (images, anchors, classes) with
+hard 0/1 targets, torchvision's defaults (alpha 0.25, gamma 2) and a 'mean' loss.
+
+fwd     logits that do not require grad.
+fwdbwd  loss = provider(logits, target); loss.backward(), logits a fresh non-leaf copy of a leaf
+        every repeat (``_harness.ProduceLogits``), as in the cross-entropy bench.
+"""
+
+from __future__ import annotations
+
+from bench import _harness as H
+from bench._harness import Case, Provider, ProviderUnavailable, Runner
+
+LOSS = "sigmoid_focal"
+
+PROVIDERS = {
+    "fusedloss": Provider(requires=["fusedloss.sigmoid_focal_loss"],
+                          desc="fusedloss.sigmoid_focal_loss(backend='auto', reduction='mean')"),
+    "torch eager": Provider(desc="torchvision's sigmoid_focal_loss formula, eager"),
+    "torch.compile": Provider(desc="torch.compile of torchvision's formula, compiled in the "
+                                   "warm-up"),
+    "reference": Provider(requires=["fusedloss.reference.sigmoid_focal_loss"], max_repeats=2,
+                          thp_settings=("default",),
+                          desc="fusedloss.reference.sigmoid_focal_loss (pure PyTorch spec)"),
+}
+
+CHECK_ORDER = ["reference", "torch eager"]
+
+FULL = [((16, 100000, 80), "fp32"), ((16, 100000, 80), "bf16")]
+QUICK = [((2, 4000, 80), "fp32"), ((2, 4000, 80), "bf16")]
+
+
+def torchvision_formula(inputs, targets, alpha: float = 0.25, gamma: float = 2.0):
+    """torchvision.ops.sigmoid_focal_loss (reduction='mean'), as torchvision writes it."""
+    import torch
+    import torch.nn.functional as F
+
+    p = torch.sigmoid(inputs)
+    ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce_loss * ((1 - p_t) ** gamma)
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return (alpha_t * loss).mean()
+
+
+def ew_case(loss: str, name: str, shape, dtype: str, mode: str, providers, title: str) -> Case:
+    """A case of a per-element loss (shared with bench_bce.py)."""
+    import math
+
+    elt = H.DTYPE_SIZE[dtype]
+    numel = math.prod(shape)
+    logits = numel * elt
+    notes = ["targets: hard 0/1 in the logits' dtype; 'mean' loss"]
+    if mode == "fwd":
+        floor = {"bytes": 2 * logits, "exp": numel}
+    else:
+        floor = {"bytes": 3 * logits, "exp": numel}
+        notes.append("fwd+bwd: extra memory includes the gradient (1x logits)")
+    provs = [p for p, pr in providers.items() if pr.modes is None or mode in pr.modes]
+    return Case(loss=loss, name=f"{name}_{'x'.join(map(str, shape))}_{dtype}_{mode}", mode=mode,
+                dtype=dtype, dims={"shape": list(shape)}, providers=provs,
+                check_order=list(CHECK_ORDER), logits_bytes=logits,
+                title=f"{title} {tuple(shape)}, {H.DTYPE_NAMES[dtype]}, "
+                      f"{'fwd' if mode == 'fwd' else 'fwd+bwd'}",
+                tol=dict(H.DEFAULT_TOL[dtype]), floor=floor, notes=notes)
+
+
+def cases(device: str, quick: bool, dtype: str | None = None) -> list:
+    shapes = QUICK if quick else FULL
+    return H.unique_cases(ew_case(LOSS, "sfl", s, dtype or dt, mode, PROVIDERS,
+                                  "sigmoid focal, alpha 0.25, gamma 2,")
+                          for s, dt in shapes for mode in ("fwd", "fwdbwd"))
+
+
+def ew_inputs(case: Case, device: str, seed: int = 0) -> dict:
+    """Logits (scale 2) and hard targets (10% ones) in the case's dtype (shared with bench_bce)."""
+    import torch
+
+    g = H.make_generator(device, seed)
+    shape = tuple(case.dims["shape"])
+    dt = H.torch_dtype(case.dtype)
+    base = H.randn_fast(shape, dt, device, g, scale=2.0)
+    target = (torch.rand(shape, generator=g, device=device) < 0.1).to(dt)
+    if case.mode == "fwdbwd":
+        base.requires_grad_(True)
+    return {"base": base, "target": target}
+
+
+make_inputs = ew_inputs
+
+
+class EwRunner(Runner):
+    """fn(logits, target) -> scalar loss; fwd, or fwd+bwd through ProduceLogits."""
+
+    def __init__(self, fn, inputs: dict, mode: str):
+        self.fn = fn
+        self.base = inputs["base"]
+        self.target = inputs["target"]
+        self.mode = mode
+        self.logits = None
+        self.loss = None
+        self.sink = {}
+
+    def setup(self):
+        self.loss = None
+        if self.mode == "fwdbwd":
+            self.sink.clear()
+            self.logits = None
+            self.logits = H.ProduceLogits.apply(self.base, self.sink)
+
+    def step(self):
+        if self.mode == "fwd":
+            self.loss = self.fn(self.base, self.target)
+            return
+        logits, self.logits = self.logits, None
+        loss = self.fn(logits, self.target)
+        del logits
+        loss.backward()
+        self.loss = loss.detach()
+
+    def outputs(self):
+        out = {"loss": self.loss}
+        if self.mode == "fwdbwd":
+            g = self.sink["grad"]
+            out["grad"] = H.sample_rows(g.reshape(g.shape[0], -1))
+        return out
+
+    def teardown(self):
+        self.logits = None
+        self.loss = None
+        self.sink.clear()
+
+
+def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict) -> Runner:
+    import torch
+
+    backend = opts.get("backend", "auto")
+    if provider == "fusedloss":
+        sfl = H.resolve("fusedloss.sigmoid_focal_loss")
+        fn = lambda x, y: sfl(x, y, reduction="mean", backend=backend)  # noqa: E731
+    elif provider == "torch eager":
+        fn = torchvision_formula
+    elif provider == "torch.compile":
+        fn = torch.compile(torchvision_formula, dynamic=False)
+    elif provider == "reference":
+        ref = H.resolve("fusedloss.reference.sigmoid_focal_loss")
+        fn = lambda x, y: ref(x, y, reduction="mean")  # noqa: E731
+    else:
+        raise ProviderUnavailable(f"unknown provider {provider!r}")
+    return EwRunner(fn, inputs, case.mode)

@@ -1,0 +1,16 @@
+// Interface between the BCE-with-logits binding (bce.cpp) and its kernel (bce_kernel.cpp,
+// compiled once per instruction set; see cpu_isa.h).
+#pragma once
+
+#include "elementwise_args.h"
+
+// Runs the loss over args' operands; returns the sum of the per-element losses for 'sum' and
+// 'mean' (0 for 'none').
+#define FUSEDLOSS_DECLARE_BCE_KERNEL(ISA)                             \
+  namespace fusedloss::cpu::ISA {                                     \
+  double bce_kernel(const ::fusedloss::cpu::EwLossArgs& args);        \
+  }
+
+FUSEDLOSS_DECLARE_BCE_KERNEL(DEFAULT)
+FUSEDLOSS_DECLARE_BCE_KERNEL(AVX2)
+FUSEDLOSS_DECLARE_BCE_KERNEL(AVX512)
