@@ -61,6 +61,8 @@ constexpr int kEwMaxDims = 8;
 // Elements per work item and per partial sum of the 'sum' reduction (fixed: the sum does not
 // depend on the thread count).
 constexpr int64_t kEwBlock = 16384;
+// Blocks per thread at least (the grain of the parallel loop).
+constexpr int64_t kEwParallelBlocks = 4;
 
 struct EwShape {
   int ndim = 0;
@@ -231,7 +233,10 @@ A elementwise(const P& pol, EwShape shape, Reduction red, Strided<L> loss_out,
   const int64_t blocks = (numel + kEwBlock - 1) / kEwBlock;
   std::vector<A> partial(sum ? blocks : 0);
 
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  // At least kEwParallelBlocks blocks (64K elements, tens of microseconds) per thread: a smaller
+  // call runs inline, since waking a second thread costs more than it saves there, and on a busy
+  // machine a parallel region waits for its slowest thread's next time slice (milliseconds).
+  at::parallel_for(0, blocks, kEwParallelBlocks, [&](int64_t b0, int64_t b1) {
     std::tuple<ew_detail::Reader<E>...> rd;
     for (int64_t blk = b0; blk < b1; ++blk) {
       int64_t f = blk * kEwBlock;

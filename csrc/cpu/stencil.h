@@ -140,7 +140,11 @@ void stencil2d(const P& policy, const StencilArgs& a) {
   const T* x = static_cast<const T*>(a.x);
   T* g = static_cast<T*>(a.g);
 
-  at::parallel_for(0, B * nbands, 1, [&](int64_t t0, int64_t t1) {
+  // At least ~128K pixels per thread (tens of microseconds): a smaller image runs inline, since
+  // waking a second thread costs more than it saves there, and on a busy machine a parallel region
+  // waits for its slowest thread's next time slice (milliseconds: 80x the kernel at 0.9 MiB).
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, band * W));
+  at::parallel_for(0, B * nbands, grain, [&](int64_t t0, int64_t t1) {
     // Row buffers: x rows (ring of two: the current row and the one below), the weight row,
     // d_self (then the gradient row), d_down of this row and of the row above, d_right with one
     // leading 0 (d_right[j - 1] of column 0).
