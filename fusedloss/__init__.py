@@ -11,10 +11,11 @@ __version__ = "0.1.0"
 # _ext first: it loads fusedloss._C, if built, before the ops register fake kernels for it.
 from . import _ext, nn, ops, reference  # noqa: F401  (ops registers the torch.library custom ops)
 from ._backend import status as _status
-from .functional import cross_entropy, linear_cross_entropy
+from .functional import cross_entropy, linear_cross_entropy, softmax_focal_loss
 
 __all__ = ["backends", "cross_entropy", "distributed", "linear_cross_entropy", "nn", "reference",
            "__version__"]
+__all__ += ["softmax_focal_loss"]
 
 
 def __getattr__(name: str):

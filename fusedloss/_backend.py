@@ -42,6 +42,7 @@ OPS = {
     "linear_cross_entropy": ("cross_entropy_fwd_inplace", "cross_entropy"),
     "scale_grad": ("scale_grad_", "scale_grad"),
     "logsumexp": ("logsumexp_fwd", "logsumexp"),
+    "softmax_focal": ("softmax_focal_fwd", "softmax_focal"),
 }
 
 

@@ -6,4 +6,5 @@ from . import (  # noqa: F401  (importing them registers the fusedloss:: custom 
     linear_cross_entropy,
     logsumexp,
     scale_grad,
+    softmax_focal,
 )
