@@ -55,12 +55,20 @@
 //   __device__ acc_t grad(const Coef&, const Row&, int64_t c, acc_t xs, acc_t aux) const;
 //                                                   d(returned loss)/d(x_c), chain rule included
 // The host calls launch_softmax_rows(args, policy) under a CUDAGuard of the input's device.
+//
+// Reduced output (row_blocks.h): a policy's per-row loss summed over the fixed blocks of rows
+// that every backend uses ('mean' / 'sum' without a per-row result for the caller):
+// launch_row_block_sums sums a per-row scratch the policy's store_row wrote, each block by one
+// thread in row order (deterministic, the same blocks as the CPU and Triton kernels). The scratch
+// is one value per row for the duration of the call (the CPU and Triton kernels sum inside the
+// row loop and need none).
 #pragma once
 
 #include <c10/cuda/CUDAStream.h>
 
 #include "common.cuh"
 #include "fusedloss/cross_entropy.h"  // ce::OnlineLSE
+#include "fusedloss/row_blocks.h"
 
 namespace fusedloss {
 namespace cuda {
@@ -416,6 +424,32 @@ void launch_softmax_rows(const RowsArgs<typename P::scalar_t>& a, const P& pol) 
       softmax_rows_strided_kernel<P><<<grid_1d(l.grid), dim3(l.tx, l.ty), 0, stream>>>(a, pol);
       break;
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// out[b] = the sum of rows[r] over block b of row_blocks.h ((N, C, D) input), in row order.
+template <typename acc_t>
+__global__ void __launch_bounds__(256)
+    row_block_sums_kernel(const acc_t* __restrict__ rows, int64_t N, int64_t C, int64_t D,
+                          acc_t* __restrict__ out, int64_t nblocks) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < nblocks;
+       b += step) {
+    int64_t r0, r1;
+    loss_block_range(b, N, C, D, &r0, &r1);
+    acc_t s = acc_t(0);
+    for (int64_t r = r0; r < r1; ++r) s += rows[r];
+    out[b] = s;
+  }
+}
+
+template <typename acc_t>
+void launch_row_block_sums(const acc_t* rows, int64_t N, int64_t C, int64_t D, acc_t* out) {
+  const int64_t nblocks = loss_blocks(N, C, D);
+  if (nblocks <= 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  row_block_sums_kernel<acc_t><<<grid_1d(capped_grid(nblocks, 256, 0)), dim3(256), 0, stream>>>(
+      rows, N, C, D, out, nblocks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
