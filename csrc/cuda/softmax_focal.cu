@@ -6,7 +6,7 @@
 // No pass-1 sums besides (m, s). The epilogue: d = lse - x_y = (m - x_y) + log s,
 // em1 = expm1(-d) = p_y - 1, loss = w_y q^gamma d and A (sfocal::focal_row); pass 2 writes
 // A p_j, the target column A * em1, ignored rows 0. 'mean' and 'sum' (reduce) return the sums of
-// the fixed blocks of rows of row_blocks.h (launch_row_block_sums of the skeleton).
+// the fixed blocks of rows of row_blocks.h (the skeleton's reduced output: no per-row tensor).
 //
 // Target values are checked on the device: y == ignore_index -> ignored row; otherwise y outside
 // [0, C) fails CUDA_KERNEL_ASSERT, and x[y] / weight[y] are never read for such a y (where device
@@ -50,12 +50,13 @@ struct FocalPolicy {
     acc_t loss;      // scaled row loss
   };
   static constexpr bool kAux = false;
+  static constexpr bool kRowLoss = true;  // row_loss(): the skeleton's block sums
 
   const int64_t* y;  // (N, D) class indices
   int64_t yN, yD;
   const acc_t* w;           // class weights (C,), or null
   const acc_t* loss_scale;  // 0-d, or null (= 1)
-  acc_t* loss;              // (N, D) contiguous: per-row loss (or the scratch of the block sums)
+  acc_t* loss;              // (N, D) contiguous per-row loss (not reduce)
   int64_t C;
   int64_t ignore_index;
   acc_t gamma;
@@ -111,6 +112,7 @@ struct FocalPolicy {
   __device__ __forceinline__ void store_row(int64_t r, const Coef& cf) const {
     loss[r] = cf.loss;
   }
+  __device__ __forceinline__ acc_t row_loss(const Coef& cf) const { return cf.loss; }
   __device__ __forceinline__ bool zero_grad(const Row& ti, const Coef&) const {
     return ti.ignored;
   }
@@ -166,7 +168,6 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_fwd_cuda(
   const int64_t rows = N * D;
   if (rows == 0) return std::make_tuple(loss, grad);
   TORCH_CHECK(C > 0, op, ": input has no classes (C = 0)");
-  at::Tensor row_loss = reduce ? at::empty({N, D}, acc_opts) : loss;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "fusedloss_softmax_focal_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -183,16 +184,17 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_fwd_cuda(
         pol.yD = D == 1 ? 0 : target.stride(1);
         pol.w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
         pol.loss_scale = loss_scale.defined() ? loss_scale.const_data_ptr<acc_t>() : nullptr;
-        pol.loss = row_loss.mutable_data_ptr<acc_t>();
+        if (reduce) {
+          a.block_loss = loss.mutable_data_ptr<acc_t>();
+          pol.loss = nullptr;
+        } else {
+          pol.loss = loss.mutable_data_ptr<acc_t>();
+        }
         pol.C = C;
         pol.ignore_index = ignore_index;
         pol.gamma = static_cast<acc_t>(gamma);
         pol.scale = acc_t(1);  // set on the device by prepare()
         launch_softmax_rows(a, pol);
-        if (reduce) {
-          launch_row_block_sums(row_loss.const_data_ptr<acc_t>(), N, C, D,
-                                loss.mutable_data_ptr<acc_t>());
-        }
       });
   return std::make_tuple(loss, grad);
 }

@@ -56,15 +56,17 @@
 //                                                   d(returned loss)/d(x_c), chain rule included
 // The host calls launch_softmax_rows(args, policy) under a CUDAGuard of the input's device.
 //
-// Reduced output (row_blocks.h): a policy's per-row loss summed over the fixed blocks of rows
-// that every backend uses ('mean' / 'sum' without a per-row result for the caller):
-// launch_row_block_sums sums a per-row scratch the policy's store_row wrote, each block by one
-// thread in row order (deterministic, the same blocks as the CPU and Triton kernels). The scratch
-// is one value per row for the duration of the call (the CPU and Triton kernels sum inside the
-// row loop and need none).
+// Reduced output (row_blocks.h; policies with kRowLoss = true and row_loss(coef) -> its loss):
+// with RowsArgs::block_loss set, the kernels sum the rows' losses over the fixed blocks of rows
+// that every backend uses ('mean' / 'sum' without a per-row tensor) instead of calling store_row.
+// A thread block owns whole loss blocks (the grid-stride loop runs over them); inside one, each
+// row goes to a fixed thread (warp, or column) that adds its rows in order, and the threads'
+// sums are added in thread order: the result depends on neither the grid nor the timing.
 #pragma once
 
 #include <c10/cuda/CUDAStream.h>
+
+#include <type_traits>
 
 #include "common.cuh"
 #include "fusedloss/cross_entropy.h"  // ce::OnlineLSE
@@ -140,7 +142,15 @@ struct RowsArgs {
   scalar_t* g;  // (N, C, D) gradient, or null: no pass 2
   int64_t gN, gC, gD;
   int64_t C, D, rows;  // rows = N * D
+  void* block_loss;    // acc_t (loss_blocks(N, C, D),): the reduced output (kRowLoss), or null
 };
+
+// Whether policy P has kRowLoss = true (row_loss(coef) gives a row's loss for the block sums).
+template <typename P, typename = void>
+struct row_loss_policy : std::false_type {};
+template <typename P>
+struct row_loss_policy<P, std::void_t<decltype(P::kRowLoss)>>
+    : std::integral_constant<bool, P::kRowLoss> {};
 
 // RowsArgs for an (N, C, D) input on the host: x with its strides (those that cannot matter
 // normalised, C == 1 -> 1 and D == 1 -> 0, so that the fast-path tests see through them), no aux
@@ -159,6 +169,7 @@ RowsArgs<scalar_t> input_rows_args(const at::Tensor& input) {
   a.aN = a.aC = a.aD = 0;
   a.g = nullptr;
   a.gN = a.gC = a.gD = 0;
+  a.block_loss = nullptr;
   return a;
 }
 
@@ -167,8 +178,9 @@ using StateOf = SoftmaxState<typename P::acc_t, typename P::Extra>;
 
 // One row on the contiguous path (x class stride 1): a warp (BLOCK = false, tid = lane, nt = 32)
 // or the whole block (BLOCK = true, tid = threadIdx.x, nt = blockDim.x) works on it.
+// Returns the row's epilogue coefficients (every thread of the row has them).
 template <bool BLOCK, typename P>
-__device__ __forceinline__ void softmax_row_contiguous(
+__device__ __forceinline__ typename P::Coef softmax_row_contiguous(
     const RowsArgs<typename P::scalar_t>& a, const P& pol, int64_t r, int tid, int nt,
     BlockReduceStorage<StateOf<P>, kRowsBlockMaxThreads>* sh) {
   using scalar_t = typename P::scalar_t;
@@ -251,8 +263,8 @@ __device__ __forceinline__ void softmax_row_contiguous(
   }
 
   const typename P::Coef cf = pol.epilogue(row, st.lse, st.ex);
-  if (tid == 0) pol.store_row(r, cf);
-  if (a.g == nullptr) return;
+  if (tid == 0 && a.block_loss == nullptr) pol.store_row(r, cf);
+  if (a.g == nullptr) return cf;
 
   // ---- pass 2
   scalar_t* grow = a.g + n * a.gN + d * a.gD;
@@ -297,6 +309,30 @@ __device__ __forceinline__ void softmax_row_contiguous(
   for (int64_t c = sp.tail + tid; c < C; c += nt) {
     grow[c * a.gC] = static_cast<scalar_t>(grad_at(c));
   }
+  return cf;
+}
+
+// A row's loss for the block sums (0 for a policy without kRowLoss: never called then).
+template <typename P>
+__device__ __forceinline__ typename P::acc_t row_loss_of(const P& pol, const typename P::Coef& cf) {
+  if constexpr (row_loss_policy<P>::value) {
+    return pol.row_loss(cf);
+  } else {
+    return typename P::acc_t(0);
+  }
+}
+
+// Block sums: thread block loops over the loss blocks of the reduced output; part[] holds one sum
+// per worker (warp or column), added in worker order by thread 0.
+template <typename A>
+__device__ __forceinline__ void store_block_sum(A* out, int64_t b, A* part, int workers) {
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    A t = A(0);
+    for (int w = 0; w < workers; ++w) t += part[w];
+    out[b] = t;
+  }
+  __syncthreads();  // part[] is reused by the next block
 }
 
 // Register budgets: a min-blocks bound caps registers at 64K / (threads x min-blocks) (rounded
@@ -320,6 +356,27 @@ __global__ void __launch_bounds__(kRowsWarpThreads, rows_warp_min_blocks<P>())
   pol.prepare();
   const int lane = threadIdx.x & (kWarpSize - 1);
   const int64_t warps_per_block = blockDim.x / kWarpSize;
+  if constexpr (row_loss_policy<P>::value) {
+    if (a.block_loss != nullptr) {  // reduced output: a thread block per loss block
+      using acc_t = typename P::acc_t;
+      __shared__ acc_t part[kRowsWarpThreads / kWarpSize];
+      const int warp = threadIdx.x / kWarpSize;
+      const int64_t N = a.rows / a.D, nb = loss_blocks(N, a.C, a.D);
+      for (int64_t b = blockIdx.x; b < nb; b += gridDim.x) {  // block-uniform
+        int64_t r0, r1;
+        loss_block_range(b, N, a.C, a.D, &r0, &r1);
+        acc_t sum = acc_t(0);
+        for (int64_t r = r0 + warp; r < r1; r += warps_per_block) {  // warp-uniform
+          sum += row_loss_of(pol, softmax_row_contiguous<false, P>(a, pol, r, lane, kWarpSize,
+                                                                   nullptr));
+        }
+        if (lane == 0) part[warp] = sum;
+        store_block_sum(static_cast<acc_t*>(a.block_loss), b, part,
+                        static_cast<int>(warps_per_block));
+      }
+      return;
+    }
+  }
   const int64_t first =
       static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarpSize;
   const int64_t step = static_cast<int64_t>(gridDim.x) * warps_per_block;
@@ -335,9 +392,25 @@ __global__ void __launch_bounds__(kRowsBlockMaxThreads, rows_block_min_blocks<P>
   __shared__ BlockReduceStorage<StateOf<P>, kRowsBlockMaxThreads> sh;
   P pol = pol_in;
   pol.prepare();
-  // Block-uniform loop over rows.
-  for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
-    softmax_row_contiguous<true>(a, pol, r, threadIdx.x, blockDim.x, &sh);
+  using acc_t = typename P::acc_t;
+  // Units: rows, or (reduced output) loss blocks of rows. One loop, so that the row's code is
+  // inlined once (twice spills at this kernel's register bound).
+  const bool reduced = row_loss_policy<P>::value && a.block_loss != nullptr;
+  const int64_t N = a.rows / a.D;
+  const int64_t units = reduced ? loss_blocks(N, a.C, a.D) : a.rows;
+  __shared__ acc_t part[1];
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {  // block-uniform
+    int64_t r0 = u, r1 = u + 1;
+    if (reduced) loss_block_range(u, N, a.C, a.D, &r0, &r1);
+    acc_t sum = acc_t(0);
+    for (int64_t r = r0; r < r1; ++r) {
+      sum += row_loss_of(pol, softmax_row_contiguous<true>(a, pol, r, threadIdx.x, blockDim.x,
+                                                           &sh));
+    }
+    if (reduced) {
+      if (threadIdx.x == 0) part[0] = sum;
+      store_block_sum(static_cast<acc_t*>(a.block_loss), u, part, 1);
+    }
   }
 }
 
@@ -355,9 +428,9 @@ __global__ void __launch_bounds__(kRowsStridedThreads)
   const int TX = blockDim.x, TY = blockDim.y;
   const int64_t C = a.C;
 
-  for (int64_t tile = blockIdx.x; tile * TX < a.rows; tile += gridDim.x) {  // block-uniform
-    const int64_t r = tile * TX + tx;
-    const bool active = r < a.rows;
+  // One tile: this thread's row r (if active); returns the row's loss (kRowLoss; 0 if inactive).
+  // Called block-uniformly: every thread takes part in the column all-reduce.
+  auto one_tile = [&](const int64_t r, const bool active) -> acc_t {
     int64_t n = 0, d = 0;
     const scalar_t* xrow = a.x;
     const scalar_t* arow = nullptr;
@@ -385,10 +458,11 @@ __global__ void __launch_bounds__(kRowsStridedThreads)
     // Every thread takes part (inactive ones with the identity); the first barrier also orders
     // every pass-1 read before any pass-2 write.
     column_allreduce(st, sh);
-    if (!active) continue;
+    if (!active) return acc_t(0);
     const typename P::Coef cf = pol.epilogue(row, st.lse, st.ex);
-    if (ty == 0) pol.store_row(r, cf);
-    if (a.g == nullptr) continue;
+    if (ty == 0 && a.block_loss == nullptr) pol.store_row(r, cf);
+    const acc_t loss = row_loss_of(pol, cf);
+    if (a.g == nullptr) return loss;
     scalar_t* grow = a.g + n * a.gN + d * a.gD;
     const bool zero = pol.zero_grad(row, cf);
     for (int64_t c = ty; c < C; c += TY) {
@@ -401,6 +475,27 @@ __global__ void __launch_bounds__(kRowsStridedThreads)
       }
       grow[c * a.gC] = static_cast<scalar_t>(gr);
     }
+    return loss;
+  };
+
+  if constexpr (row_loss_policy<P>::value) {
+    if (a.block_loss != nullptr) {  // reduced output: a thread block per loss block
+      __shared__ acc_t part[kRowsStridedThreads];
+      const int64_t N = a.rows / a.D, nb = loss_blocks(N, a.C, a.D);
+      for (int64_t b = blockIdx.x; b < nb; b += gridDim.x) {  // block-uniform
+        int64_t r0, r1;
+        loss_block_range(b, N, a.C, a.D, &r0, &r1);
+        acc_t sum = acc_t(0);
+        for (int64_t t0 = r0; t0 < r1; t0 += TX) sum += one_tile(t0 + tx, t0 + tx < r1);
+        if (ty == 0) part[tx] = sum;
+        store_block_sum(static_cast<acc_t*>(a.block_loss), b, part, TX);
+      }
+      return;
+    }
+  }
+  for (int64_t tile = blockIdx.x; tile * TX < a.rows; tile += gridDim.x) {  // block-uniform
+    const int64_t r = tile * TX + tx;
+    one_tile(r, r < a.rows);
   }
 }
 
@@ -410,8 +505,11 @@ template <typename P>
 void launch_softmax_rows(const RowsArgs<typename P::scalar_t>& a, const P& pol) {
   using scalar_t = typename P::scalar_t;
   if (a.rows <= 0) return;
-  const RowsLaunch l = plan_softmax_rows(a.rows, a.C, vec_size<scalar_t>(), a.xC == 1,
-                                         a.g != nullptr && a.gC != 1);
+  RowsLaunch l = plan_softmax_rows(a.rows, a.C, vec_size<scalar_t>(), a.xC == 1,
+                                   a.g != nullptr && a.gC != 1);
+  if (row_loss_policy<P>::value && a.block_loss != nullptr) {  // one thread block per loss block
+    l.grid = capped_grid(loss_blocks(a.rows / a.D, a.C, a.D), 1, 0);
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (l.kind) {
     case RowsKernel::Warp:
@@ -424,32 +522,6 @@ void launch_softmax_rows(const RowsArgs<typename P::scalar_t>& a, const P& pol) 
       softmax_rows_strided_kernel<P><<<grid_1d(l.grid), dim3(l.tx, l.ty), 0, stream>>>(a, pol);
       break;
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// out[b] = the sum of rows[r] over block b of row_blocks.h ((N, C, D) input), in row order.
-template <typename acc_t>
-__global__ void __launch_bounds__(256)
-    row_block_sums_kernel(const acc_t* __restrict__ rows, int64_t N, int64_t C, int64_t D,
-                          acc_t* __restrict__ out, int64_t nblocks) {
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < nblocks;
-       b += step) {
-    int64_t r0, r1;
-    loss_block_range(b, N, C, D, &r0, &r1);
-    acc_t s = acc_t(0);
-    for (int64_t r = r0; r < r1; ++r) s += rows[r];
-    out[b] = s;
-  }
-}
-
-template <typename acc_t>
-void launch_row_block_sums(const acc_t* rows, int64_t N, int64_t C, int64_t D, acc_t* out) {
-  const int64_t nblocks = loss_blocks(N, C, D);
-  if (nblocks <= 0) return;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  row_block_sums_kernel<acc_t><<<grid_1d(capped_grid(nblocks, 256, 0)), dim3(256), 0, stream>>>(
-      rows, N, C, D, out, nblocks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
