@@ -54,6 +54,8 @@
 //   __device__ bool zero_grad(const Row&, const Coef&) const;   the row's gradient is exactly 0
 //   __device__ acc_t grad(const Coef&, const Row&, int64_t c, acc_t xs, acc_t aux) const;
 //                                                   d(returned loss)/d(x_c), chain rule included
+//   optional: static constexpr bool kRowLoss = true and
+//   __device__ acc_t row_loss(const Coef&) const;   the row's loss, for the reduced output below
 // The host calls launch_softmax_rows(args, policy) under a CUDAGuard of the input's device.
 //
 // Reduced output (row_blocks.h; policies with kRowLoss = true and row_loss(coef) -> its loss):
