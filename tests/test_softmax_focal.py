@@ -57,6 +57,7 @@ LAYOUTS = {
     "spatial": lambda d: ((2, 5, 7, 9), None),
     "spatial-C1": lambda d: ((2, 1, 33), None),
     "channels_last": lambda d: ((2, 6, 5, 7), channels_last),
+    "channels_last-C70": lambda d: ((2, 70, 3, 5), channels_last),  # rows path (C > 64)
     "class-strided": lambda d: ((9, 13), class_dim_strided),
 }
 
@@ -238,3 +239,43 @@ def test_module(backend, device):
     x = make((4, 6, 3, 2), device=device)
     t = targets((4, 3, 2), 6, device)
     close(m(x, t), reference.softmax_focal_loss(x, t, 1.5, w, 3), torch.float32, "module")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.1, "weight": True}, {"softcap": 4.0},
+                                {"prob": True}, {"inplace_backward": True}])
+def test_cross_entropy_channels_last_tile_path(dtype, kw):
+    """The CPU skeleton's gathered tiles (a few classes, channels-last positions) that softmax focal
+    brought to the spatial path also run cross-entropy: its results there equal torch's."""
+    if not fusedloss.backends("cross_entropy")["cpu"]["available"]:
+        pytest.skip("no cpu kernels")
+    kw = dict(kw)
+    x = make((2, 7, 9, 5), dtype).contiguous(memory_format=torch.channels_last)
+    if kw.pop("prob", False):
+        t = torch.softmax(make((2, 7, 9, 5)), 1).to(dtype).contiguous(
+            memory_format=torch.channels_last)
+    else:
+        t = targets((2, 9, 5), 7, ignore_frac=0.2)
+    if kw.pop("weight", False):
+        kw["weight"] = (torch.rand(7) + 0.1).to(dtype)
+    softcap = kw.pop("softcap", None)
+    inplace = kw.pop("inplace_backward", False)
+
+    def torch_ce(z, t):
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        return F.cross_entropy(z.float(), t.float() if t.is_floating_point() else t,
+                               **{k: (v.float() if isinstance(v, torch.Tensor) else v)
+                                  for k, v in kw.items()})
+
+    def ours(z, t):
+        if inplace:
+            z = z * 1.0
+        return fusedloss.cross_entropy(z, t, softcap=softcap, inplace_backward=inplace,
+                                       backend="cpu", **kw)
+
+    got, g_got = run(ours, x, t)
+    want, g_want = run(torch_ce, x, t)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(g_got.float(), g_want.float(), rtol=tol, atol=tol)

@@ -24,7 +24,8 @@
 //    Policies without kRowLoss write their outputs themselves in the epilogue;
 //  - layouts: rows (class stride 1: the (N, C) logits of a language model), spatial (D > 1 and
 //    spatial stride 1 for the input, gradient and element operand: segmentation (N, C, H*W); lanes
-//    of a vector are rows there), and every other stride through per-thread row buffers
+//    of a vector are rows there; also a few classes at other position strides, channels-last,
+//    through gathered tiles), and every other stride through per-thread row buffers
 //    (gathered, or scattered for the gradient); large gradients of their own are written with
 //    streaming stores (rows path).
 //
@@ -668,10 +669,11 @@ void run_rows(const P& pol, const RowsLayout<T>& a) {
 
 constexpr int64_t kPrefetchTiles = 4;
 
-// Spatial path: input, gradient and element operand have spatial stride 1 (D > 1). One work item
-// is a tile of P = one pair of consecutive positions d of one n; lane l is row (n, d0 + l). The
-// tile's logits are staged (converted, softcapped) as [c][lane], the max is taken first, so the
-// sums need no rescale.
+// Spatial path: input, gradient and element operand have spatial stride 1 (D > 1), or a few
+// classes (kGatherTileMaxC) at any position strides (channels-last: the tile's positions are
+// gathered, its gradient scattered). One work item is a tile of P = one pair of consecutive
+// positions d of one n; lane l is row (n, d0 + l). The tile's logits are staged (converted,
+// softcapped) as [c][lane], the max is taken first, so the sums need no rescale.
 template <typename P, typename T>
 void run_spatial(const P& pol_, const RowsLayout<T>& a) {
   using A = acc_t<T>;
@@ -717,23 +719,29 @@ void run_spatial(const P& pol_, const RowsLayout<T>& a) {
         if (l >= np) break;
         rws[l] = pol.row(row0 + l);
       }
-      auto load = [&](const T* p, V& v0, V& v1) {
-        if (np == PR) {
+      // The tile's positions at element stride s (1: vector loads; else gathered).
+      auto load = [&](const T* p, int64_t s, V& v0, V& v1) {
+        if (s != 1) {
+          IO::load_strided(p, s, np, v0, v1);
+        } else if (np == PR) {
           IO::load(p, v0, v1);
         } else {
           IO::load_n(p, np, v0, v1);
         }
       };
       // Stage and max.
-      const T* xb = x + n * a.x_sn + d0;
+      const T* xb = x + n * a.x_sn + d0 * a.x_sd;
       V m0(kLowest<A>), m1(kLowest<A>);
       for (int64_t c = 0; c < C; ++c) {
-        // C strided streams, one pair each per tile: fetch a few tiles ahead (past the end of the
-        // row it only fetches a line we do not need).
-        const char* ahead = reinterpret_cast<const char*>(xb + c * a.x_sc + kPrefetchTiles * PR);
-        for (int64_t b = 0; b < PR * int64_t(sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
+        if (a.x_sd == 1) {
+          // C strided streams, one pair each per tile: fetch a few tiles ahead (past the end of
+          // the row it only fetches a line we do not need).
+          const char* ahead =
+              reinterpret_cast<const char*>(xb + c * a.x_sc + kPrefetchTiles * PR);
+          for (int64_t b = 0; b < PR * int64_t(sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
+        }
         V v0, v1;
-        load(xb + c * a.x_sc, v0, v1);
+        load(xb + c * a.x_sc, a.x_sd, v0, v1);
         if (capped) {
           v0 = vcap * (v0 / vcap).tanh();
           v1 = vcap * (v1 / vcap).tanh();
@@ -759,7 +767,7 @@ void run_spatial(const P& pol_, const RowsLayout<T>& a) {
         }
         if constexpr (P::kSums > 0) {
           V t0, t1, wc;
-          if constexpr (P::kElem) load(tp + n * a.t_sn + c * a.t_sc + d0, t0, t1);
+          if constexpr (P::kElem) load(tp + n * a.t_sn + c * a.t_sc + d0 * a.t_sd, a.t_sd, t0, t1);
           if constexpr (P::kClassOperand) wc = V(w[c]);
           pol.template sums<false>(ac0, Lanes<V>{v0, e0, t0, wc}, m0, VS);
           pol.template sums<false>(ac1, Lanes<V>{v1, e1, t1, wc}, m1, VS);
@@ -837,11 +845,11 @@ void run_spatial(const P& pol_, const RowsLayout<T>& a) {
         k0[j] = V::loadu(kb[j]);
         k1[j] = V::loadu(kb[j] + VS);
       }
-      T* gb = g + n * a.g_sn + d0;
+      T* gb = g + n * a.g_sn + d0 * a.g_sd;
       for (int64_t c = 0; c < C; ++c) {
         const V v0 = V::loadu(xs.data() + c * PR), v1 = V::loadu(xs.data() + c * PR + VS);
         V t0, t1, wc;
-        if constexpr (P::kElem) load(tp + n * a.t_sn + c * a.t_sc + d0, t0, t1);
+        if constexpr (P::kElem) load(tp + n * a.t_sn + c * a.t_sc + d0 * a.t_sd, a.t_sd, t0, t1);
         if constexpr (P::kClassOperand) wc = V(w[c]);
         V g0 = pol.grad(k0, qa0 * V::loadu(es.data() + c * PR), Lanes<V>{v0, zero, t0, wc});
         V g1 = pol.grad(k1, qa1 * V::loadu(es.data() + c * PR + VS), Lanes<V>{v1, zero, t1, wc});
@@ -852,7 +860,9 @@ void run_spatial(const P& pol_, const RowsLayout<T>& a) {
         }
         g0 = V::blendv(g0, fv0, fm0);
         g1 = V::blendv(g1, fv1, fm1);
-        if (np == PR) {
+        if (a.g_sd != 1) {
+          IO::store_strided(gb + c * a.g_sc, a.g_sd, np, g0, g1);
+        } else if (np == PR) {
           IO::store(gb + c * a.g_sc, g0, g1);
         } else {
           IO::store_n(gb + c * a.g_sc, np, g0, g1);
@@ -863,7 +873,7 @@ void run_spatial(const P& pol_, const RowsLayout<T>& a) {
         if (out.fix_col < 0) continue;
         A v = out.fix_val;
         if (capped) v *= ce::softcap_grad(xs[out.fix_col * PR + l], cap);
-        gb[out.fix_col * a.g_sc + l] = static_cast<T>(v);
+        gb[out.fix_col * a.g_sc + l * a.g_sd] = static_cast<T>(v);
       }
     };
     if (block_loss) {
@@ -882,13 +892,19 @@ void run_spatial(const P& pol_, const RowsLayout<T>& a) {
 
 }  // namespace sr_detail
 
+// Classes up to which the spatial path also takes positions that are not contiguous (a
+// channels-last (N, C, H*W) view: class stride 1, position stride C), gathering its tiles: the
+// rows path's per-row work costs more than the gathers for a few classes (C = 19 float32: 3.6x).
+constexpr int64_t kGatherTileMaxC = 64;
+
 // Runs policy pol over every row of the layout a: the spatial path when D > 1 and the input,
-// gradient and element operand all have spatial stride 1, else the rows path.
+// gradient and element operand all have spatial stride 1 (or C <= kGatherTileMaxC), else the rows
+// path.
 template <typename P, typename T>
 void softmax_rows(const P& pol, const RowsLayout<T>& a) {
   if (a.N * a.D == 0) return;
-  const bool spatial = a.D > 1 && a.x_sd == 1 && (a.g == nullptr || a.g_sd == 1) &&
-                       (!P::kElem || a.t_sd == 1);
+  const bool unit = a.x_sd == 1 && (a.g == nullptr || a.g_sd == 1) && (!P::kElem || a.t_sd == 1);
+  const bool spatial = a.D > 1 && (unit || a.C <= kGatherTileMaxC);
   if (spatial) {
     sr_detail::run_spatial(pol, a);
   } else {
