@@ -10,12 +10,15 @@ is near 1), loss = w_y q^gamma d, and the gradient A (p_j - [j = y]) with
 A = w_y q^gamma (1 + gamma p_y d / q) (d / q -> 1 as q -> 0, taken as 1 at q == 0 so that a
 gamma < 1 gives 0, never inf * 0), the target column A * em1. gamma = 0 is cross-entropy.
 
-A program owns one block of the reduced output's fixed blocks of rows (row_blocks.h: K rows of one
-n along d, or along n when D == 1; ``loss_block_rows`` below is their Python copy) and walks it in
-tiles of BLOCK_ROWS rows (K is a multiple of BLOCK_ROWS: both powers of two). With REDUCE it stores
-the block's sum of the rows' losses (a 'mean' or 'sum' keeps no per-row tensor; the same blocks on
-every backend, the sum deterministic), else every row's loss. Target values are validated before
-they are used as an address (tl.device_assert on the GPU, the error buffer under the interpreter).
+A program owns one tile of BLOCK_ROWS rows inside one block of the reduced output's fixed blocks
+of rows (row_blocks.h: K rows of one n along d, or along n when D == 1; ``loss_block_rows`` is
+their Python copy; K is a multiple of BLOCK_ROWS, both powers of two), one tile per program as in
+cross-entropy (a loop over a block's tiles kept state live across the target assertion's call:
+spills). With REDUCE it stores its tile's sum of the rows' losses, and the launcher adds each
+block's tiles in order (a small (blocks, K / BLOCK_ROWS) tensor: a 'mean' or 'sum' keeps no
+per-row tensor; the same blocks on every backend, the sum deterministic); else every row's loss.
+Target values are validated before they are used as an address (tl.device_assert on the GPU, the
+error buffer under the interpreter).
 """
 
 import torch
@@ -76,7 +79,7 @@ def _softmax_focal_fwd_kernel(
     loss_ptr,
     grad_ptr, grad_offset, grad_stride_n, grad_stride_c, grad_stride_d,
     err_ptr,
-    C, D, blocks_per_n, block_rows,
+    C, D, blocks_per_n, tiles_per_block, block_rows,
     ignore_index,
     gamma: tl.float64,
     ACC_DTYPE: tl.constexpr,
@@ -93,65 +96,63 @@ def _softmax_focal_fwd_kernel(
     REPORT_ERRORS: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
 ):
-    # This program's block: one n, rows d in [d0, d0 + block_rows). Offsets are int64.
+    # This program's tile: tile t of block b, one n, BLOCK_ROWS consecutive d. Offsets are int64.
     pid = tl.program_id(0).to(tl.int64)
-    n = pid // blocks_per_n
-    d0 = (pid % blocks_per_n) * block_rows
+    b = pid // tiles_per_block
+    n = b // blocks_per_n
+    d = (b % blocks_per_n) * block_rows + (pid % tiles_per_block) * BLOCK_ROWS + \
+        tl.arange(0, BLOCK_ROWS)
+    row_mask = d < D
+    # Targets first (see _class_target: nothing live across the assertion's call).
+    y, ignored, y_ok = _class_target(target_ptr, n * target_stride_n + d * target_stride_d,
+                                     row_mask, ignore_index, C, err_ptr, REPORT_ERRORS)
     g_ = tl.full([], gamma, ACC_DTYPE)
     if HAS_SCALE:
         scale = tl.load(loss_scale_ptr).to(ACC_DTYPE)
     else:
         scale = tl.full([], 1.0, ACC_DTYPE)
-    total = tl.zeros([BLOCK_ROWS], ACC_DTYPE)
-    for t in range(0, block_rows, BLOCK_ROWS):
-        d = d0 + t + tl.arange(0, BLOCK_ROWS)
-        row_mask = d < D
-        y, ignored, y_ok = _class_target(target_ptr, n * target_stride_n + d * target_stride_d,
-                                         row_mask, ignore_index, C, err_ptr, REPORT_ERRORS)
-        x_row = x_offset + n * x_stride_n + d * x_stride_d
-        x_y = _target_logit(x_ptr, x_row, x_stride_c, y, y_ok, 0.0, ACC_DTYPE, False,
-                            EXPM1_TERMS)
-        if HAS_WEIGHT:  # only after the check: weight[y] of a valid y
-            w_y = tl.load(weight_ptr + tl.where(y_ok, y, 0), mask=y_ok, other=0.0).to(ACC_DTYPE)
-        else:
-            w_y = tl.full([BLOCK_ROWS], 1.0, ACC_DTYPE)
+    x_row = x_offset + n * x_stride_n + d * x_stride_d
+    x_y = _target_logit(x_ptr, x_row, x_stride_c, y, y_ok, 0.0, ACC_DTYPE, False,
+                        EXPM1_TERMS)
+    if HAS_WEIGHT:  # only after the check: weight[y] of a valid y
+        w_y = tl.load(weight_ptr + tl.where(y_ok, y, 0), mask=y_ok, other=0.0).to(ACC_DTYPE)
+    else:
+        w_y = tl.full([BLOCK_ROWS], 1.0, ACC_DTYPE)
 
-        # ---- pass 1: the skeleton's row statistics (no column weights) ----
-        m, s, _, _ = _softmax_row_stats(
-            x_ptr, x_row, x_stride_c, C, row_mask, 0.0,
-            x_ptr, x_ptr, x_row, x_stride_c, 0.0, 0.0,
-            ACC_DTYPE, BLOCK_SIZE, VEC, 1, EXPM1_TERMS, False, False, False, False, False)
-        log_s = tl.log(s)
+    # ---- pass 1: the skeleton's row statistics (no column weights) ----
+    m, s, _, _ = _softmax_row_stats(
+        x_ptr, x_row, x_stride_c, C, row_mask, 0.0,
+        x_ptr, x_ptr, x_row, x_stride_c, 0.0, 0.0,
+        ACC_DTYPE, BLOCK_SIZE, VEC, 1, EXPM1_TERMS, False, False, False, False, False)
+    log_s = tl.log(s)
 
-        # ---- the focal epilogue (softmax_focal.h: focal_row) ----
-        dist = (m - x_y) + log_s  # lse - x_y = -log p_y, without the rounding of lse
-        em1 = _expm1(-dist, EXPM1_TERMS)  # p_y - 1
-        if GAMMA_INT == 0:
-            A = w_y
-            loss = w_y * dist
-        else:
-            q = -em1
-            qg = _focal_pow(q, g_, GAMMA_INT)
-            ratio = tl.where(q > 0.0, dist / tl.where(q > 0.0, q, 1.0), 1.0)
-            A = w_y * qg * (1.0 + g_ * (1.0 + em1) * ratio)
-            loss = w_y * qg * dist
-        loss = tl.where(ignored, 0.0, loss) * scale  # ignored: 0 * scale (NaN if scale is inf)
-        if REDUCE:
-            total += tl.where(row_mask, loss, 0.0)
-        else:
-            tl.store(loss_ptr + n * D + d, loss, mask=row_mask)
-
-        # ---- pass 2: the skeleton's gradient loop ----
-        if COMPUTE_GRAD:
-            g_row = grad_offset + n * grad_stride_n + d * grad_stride_d
-            _softmax_row_grad(
-                x_ptr, x_row, x_stride_c, grad_ptr, g_row, grad_stride_c, C, row_mask, 0.0,
-                m, log_s, A, 0.0, y, A * em1, ignored == 0, scale,
-                x_ptr, x_ptr, x_row, x_stride_c, 0.0, 0.0,
-                ACC_DTYPE, BLOCK_SIZE, VEC, 1, G_VEC, EXPM1_TERMS, False,
-                False, False, False, False, True, True, EMULATE_RTNE)
+    # ---- the focal epilogue (softmax_focal.h: focal_row) ----
+    dist = (m - x_y) + log_s  # lse - x_y = -log p_y, without the rounding of lse
+    em1 = _expm1(-dist, EXPM1_TERMS)  # p_y - 1
+    if GAMMA_INT == 0:
+        A = w_y
+        loss = w_y * dist
+    else:
+        q = -em1
+        qg = _focal_pow(q, g_, GAMMA_INT)
+        ratio = tl.where(q > 0.0, dist / tl.where(q > 0.0, q, 1.0), 1.0)
+        A = w_y * qg * (1.0 + g_ * (1.0 + em1) * ratio)
+        loss = w_y * qg * dist
+    loss = tl.where(ignored, 0.0, loss) * scale  # ignored: 0 * scale (NaN if scale is inf)
     if REDUCE:
-        tl.store(loss_ptr + pid, tl.sum(total, axis=0))
+        tl.store(loss_ptr + pid, tl.sum(tl.where(row_mask, loss, 0.0), axis=0))
+    else:
+        tl.store(loss_ptr + n * D + d, loss, mask=row_mask)
+
+    # ---- pass 2: the skeleton's gradient loop ----
+    if COMPUTE_GRAD:
+        g_row = grad_offset + n * grad_stride_n + d * grad_stride_d
+        _softmax_row_grad(
+            x_ptr, x_row, x_stride_c, grad_ptr, g_row, grad_stride_c, C, row_mask, 0.0,
+            m, log_s, A, 0.0, y, A * em1, ignored == 0, scale,
+            x_ptr, x_ptr, x_row, x_stride_c, 0.0, 0.0,
+            ACC_DTYPE, BLOCK_SIZE, VEC, 1, G_VEC, EXPM1_TERMS, False,
+            False, False, False, False, True, True, EMULATE_RTNE)
 
 
 def _bad_target_error(target, ignore_index, C):
@@ -189,8 +190,8 @@ def softmax_focal_fwd(input, target, weight, loss_scale, gamma: float, ignore_in
     rows_n, rows_d = (1, N) if D == 1 else (N, D)
     k = loss_block_rows(C, D)
     blocks_per_n = triton.cdiv(rows_d, k)
-    loss_shape = (rows_n * blocks_per_n,) if reduce else (N, D)
-    loss = torch.empty(loss_shape, dtype=acc, device=input.device)
+    loss = torch.empty((rows_n * blocks_per_n,) if reduce else (N, D), dtype=acc,
+                       device=input.device)
     grad = torch.empty(input.shape if compute_grad else (0,), dtype=input.dtype,
                        device=input.device)
     if N * D == 0:
@@ -200,8 +201,13 @@ def softmax_focal_fwd(input, target, weight, loss_scale, gamma: float, ignore_in
     x, x_off, vec = _row_walk(input, C, xs, input.stride(1))
     block, block_rows, num_warps = _tiles(C, rows_d, 4096 if input.dtype == torch.float64
                                           else 8192)
-    block_rows = min(block_rows, k)
-    grid = _check_grid((rows_n * blocks_per_n,), "softmax_focal_loss")
+    # Half cross-entropy's row tile (the focal epilogue's values are live through pass 2: the
+    # full tile spilled a few bytes on sm_90 for bfloat16 segmentation; .ci/check_triton.py).
+    block_rows = min(max(1, block_rows // 2), k)
+    tiles_per_block = k // block_rows
+    grid = _check_grid((rows_n * blocks_per_n * tiles_per_block,), "softmax_focal_loss")
+    # REDUCE: one sum per tile, added per block below (in tile order: deterministic).
+    out = torch.empty((grid[0],), dtype=acc, device=input.device) if reduce else loss
     ts = _row_view(N, D, target.stride(0), target.stride(1))
     if compute_grad:
         gs = _row_view(N, D, grad.stride(0), grad.stride(2))
@@ -220,10 +226,10 @@ def softmax_focal_fwd(input, target, weight, loss_scale, gamma: float, ignore_in
             target, ts[0], ts[1],
             weight,
             loss_scale,
-            loss,
+            out,
             g, g_off, gs[0], gs_c, gs[1],
             err,
-            C, rows_d, blocks_per_n, k,
+            C, rows_d, blocks_per_n, tiles_per_block, k,
             int(ignore_index),
             float(gamma),
             ACC_DTYPE=_tl_acc(input.dtype),
@@ -243,4 +249,6 @@ def softmax_focal_fwd(input, target, weight, loss_scale, gamma: float, ignore_in
             sanitize_overflow=False,
         )
     _raise_if_error(err, lambda: _bad_target_error(target, ignore_index, C))
+    if reduce:
+        torch.sum(out.view(-1, tiles_per_block), dim=1, out=loss)
     return loss, grad
