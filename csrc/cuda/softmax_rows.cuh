@@ -180,9 +180,20 @@ using StateOf = SoftmaxState<typename P::acc_t, typename P::Extra>;
 
 // One row on the contiguous path (x class stride 1): a warp (BLOCK = false, tid = lane, nt = 32)
 // or the whole block (BLOCK = true, tid = threadIdx.x, nt = blockDim.x) works on it.
-// Returns the row's epilogue coefficients (every thread of the row has them).
+// A row's loss for the block sums (0 for a policy without kRowLoss: never called then).
+template <typename P>
+__device__ __forceinline__ typename P::acc_t row_loss_of(const P& pol, const typename P::Coef& cf) {
+  if constexpr (row_loss_policy<P>::value) {
+    return pol.row_loss(cf);
+  } else {
+    return typename P::acc_t(0);
+  }
+}
+
+// Returns the row's loss for the reduced output (row_loss_of; 0 without kRowLoss), on every thread
+// of the row.
 template <bool BLOCK, typename P>
-__device__ __forceinline__ typename P::Coef softmax_row_contiguous(
+__device__ __forceinline__ typename P::acc_t softmax_row_contiguous(
     const RowsArgs<typename P::scalar_t>& a, const P& pol, int64_t r, int tid, int nt,
     BlockReduceStorage<StateOf<P>, kRowsBlockMaxThreads>* sh) {
   using scalar_t = typename P::scalar_t;
@@ -265,8 +276,8 @@ __device__ __forceinline__ typename P::Coef softmax_row_contiguous(
   }
 
   const typename P::Coef cf = pol.epilogue(row, st.lse, st.ex);
-  if (tid == 0 && a.block_loss == nullptr) pol.store_row(r, cf);
-  if (a.g == nullptr) return cf;
+  if (tid == 0 && (!row_loss_policy<P>::value || a.block_loss == nullptr)) pol.store_row(r, cf);
+  if (a.g == nullptr) return row_loss_of(pol, cf);
 
   // ---- pass 2
   scalar_t* grow = a.g + n * a.gN + d * a.gD;
@@ -311,17 +322,7 @@ __device__ __forceinline__ typename P::Coef softmax_row_contiguous(
   for (int64_t c = sp.tail + tid; c < C; c += nt) {
     grow[c * a.gC] = static_cast<scalar_t>(grad_at(c));
   }
-  return cf;
-}
-
-// A row's loss for the block sums (0 for a policy without kRowLoss: never called then).
-template <typename P>
-__device__ __forceinline__ typename P::acc_t row_loss_of(const P& pol, const typename P::Coef& cf) {
-  if constexpr (row_loss_policy<P>::value) {
-    return pol.row_loss(cf);
-  } else {
-    return typename P::acc_t(0);
-  }
+  return row_loss_of(pol, cf);
 }
 
 // Block sums: thread block loops over the loss blocks of the reduced output; part[] holds one sum
@@ -359,32 +360,38 @@ __global__ void __launch_bounds__(kRowsWarpThreads, rows_warp_min_blocks<P>())
   const int lane = threadIdx.x & (kWarpSize - 1);
   const int64_t warps_per_block = blockDim.x / kWarpSize;
   if constexpr (row_loss_policy<P>::value) {
-    if (a.block_loss != nullptr) {  // reduced output: a thread block per loss block
-      using acc_t = typename P::acc_t;
-      __shared__ acc_t part[kRowsWarpThreads / kWarpSize];
-      const int warp = threadIdx.x / kWarpSize;
-      const int64_t N = a.rows / a.D, nb = loss_blocks(N, a.C, a.D);
-      for (int64_t b = blockIdx.x; b < nb; b += gridDim.x) {  // block-uniform
-        int64_t r0, r1;
-        loss_block_range(b, N, a.C, a.D, &r0, &r1);
-        acc_t sum = acc_t(0);
-        for (int64_t r = r0 + warp; r < r1; r += warps_per_block) {  // warp-uniform
-          sum += row_loss_of(pol, softmax_row_contiguous<false, P>(a, pol, r, lane, kWarpSize,
-                                                                   nullptr));
-        }
+    // Units: groups of warps_per_block rows, or (reduced output) loss blocks; one loop, so that
+    // the row's code is inlined once.
+    using acc_t = typename P::acc_t;
+    __shared__ acc_t part[kRowsWarpThreads / kWarpSize];
+    const int warp = threadIdx.x / kWarpSize;
+    const bool reduced = a.block_loss != nullptr;
+    const int64_t N = a.rows / a.D;
+    const int64_t units =
+        reduced ? loss_blocks(N, a.C, a.D) : ceil_div(a.rows, warps_per_block);
+    for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {  // block-uniform
+      int64_t r0 = u * warps_per_block, r1 = r0 + warps_per_block;
+      if (reduced) loss_block_range(u, N, a.C, a.D, &r0, &r1);
+      if (r1 > a.rows) r1 = a.rows;
+      acc_t sum = acc_t(0);
+#pragma unroll 1
+      for (int64_t r = r0 + warp; r < r1; r += warps_per_block) {  // warp-uniform
+        sum += softmax_row_contiguous<false, P>(a, pol, r, lane, kWarpSize, nullptr);
+      }
+      if (reduced) {
         if (lane == 0) part[warp] = sum;
-        store_block_sum(static_cast<acc_t*>(a.block_loss), b, part,
+        store_block_sum(static_cast<acc_t*>(a.block_loss), u, part,
                         static_cast<int>(warps_per_block));
       }
-      return;
     }
-  }
-  const int64_t first =
-      static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarpSize;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * warps_per_block;
-  // Warp-uniform loop: every lane of a warp works on the same row.
-  for (int64_t r = first; r < a.rows; r += step) {
-    softmax_row_contiguous<false, P>(a, pol, r, lane, kWarpSize, nullptr);
+  } else {
+    const int64_t first =
+        static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarpSize;
+    const int64_t step = static_cast<int64_t>(gridDim.x) * warps_per_block;
+    // Warp-uniform loop: every lane of a warp works on the same row.
+    for (int64_t r = first; r < a.rows; r += step) {
+      softmax_row_contiguous<false, P>(a, pol, r, lane, kWarpSize, nullptr);
+    }
   }
 }
 
@@ -394,24 +401,31 @@ __global__ void __launch_bounds__(kRowsBlockMaxThreads, rows_block_min_blocks<P>
   __shared__ BlockReduceStorage<StateOf<P>, kRowsBlockMaxThreads> sh;
   P pol = pol_in;
   pol.prepare();
-  using acc_t = typename P::acc_t;
-  // Units: rows, or (reduced output) loss blocks of rows. One loop, so that the row's code is
-  // inlined once (twice spills at this kernel's register bound).
-  const bool reduced = row_loss_policy<P>::value && a.block_loss != nullptr;
-  const int64_t N = a.rows / a.D;
-  const int64_t units = reduced ? loss_blocks(N, a.C, a.D) : a.rows;
-  __shared__ acc_t part[1];
-  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {  // block-uniform
-    int64_t r0 = u, r1 = u + 1;
-    if (reduced) loss_block_range(u, N, a.C, a.D, &r0, &r1);
-    acc_t sum = acc_t(0);
-    for (int64_t r = r0; r < r1; ++r) {
-      sum += row_loss_of(pol, softmax_row_contiguous<true>(a, pol, r, threadIdx.x, blockDim.x,
-                                                           &sh));
+  if constexpr (row_loss_policy<P>::value) {
+    // Units: rows, or (reduced output) loss blocks of rows. One loop, so that the row's code is
+    // inlined once (twice spills at this kernel's register bound).
+    using acc_t = typename P::acc_t;
+    const bool reduced = a.block_loss != nullptr;
+    const int64_t N = a.rows / a.D;
+    const int64_t units = reduced ? loss_blocks(N, a.C, a.D) : a.rows;
+    __shared__ acc_t part[1];
+    for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {  // block-uniform
+      int64_t r0 = u, r1 = u + 1;
+      if (reduced) loss_block_range(u, N, a.C, a.D, &r0, &r1);
+      acc_t sum = acc_t(0);
+#pragma unroll 1
+      for (int64_t r = r0; r < r1; ++r) {
+        sum += softmax_row_contiguous<true>(a, pol, r, threadIdx.x, blockDim.x, &sh);
+      }
+      if (reduced) {
+        if (threadIdx.x == 0) part[0] = sum;
+        store_block_sum(static_cast<acc_t*>(a.block_loss), u, part, 1);
+      }
     }
-    if (reduced) {
-      if (threadIdx.x == 0) part[0] = sum;
-      store_block_sum(static_cast<acc_t*>(a.block_loss), u, part, 1);
+  } else {
+    // Block-uniform loop over rows.
+    for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
+      softmax_row_contiguous<true>(a, pol, r, threadIdx.x, blockDim.x, &sh);
     }
   }
 }
@@ -462,7 +476,7 @@ __global__ void __launch_bounds__(kRowsStridedThreads)
     column_allreduce(st, sh);
     if (!active) return acc_t(0);
     const typename P::Coef cf = pol.epilogue(row, st.lse, st.ex);
-    if (ty == 0 && a.block_loss == nullptr) pol.store_row(r, cf);
+    if (ty == 0 && (!row_loss_policy<P>::value || a.block_loss == nullptr)) pol.store_row(r, cf);
     const acc_t loss = row_loss_of(pol, cf);
     if (a.g == nullptr) return loss;
     scalar_t* grow = a.g + n * a.gN + d * a.gD;
@@ -481,23 +495,29 @@ __global__ void __launch_bounds__(kRowsStridedThreads)
   };
 
   if constexpr (row_loss_policy<P>::value) {
-    if (a.block_loss != nullptr) {  // reduced output: a thread block per loss block
-      __shared__ acc_t part[kRowsStridedThreads];
-      const int64_t N = a.rows / a.D, nb = loss_blocks(N, a.C, a.D);
-      for (int64_t b = blockIdx.x; b < nb; b += gridDim.x) {  // block-uniform
-        int64_t r0, r1;
-        loss_block_range(b, N, a.C, a.D, &r0, &r1);
-        acc_t sum = acc_t(0);
-        for (int64_t t0 = r0; t0 < r1; t0 += TX) sum += one_tile(t0 + tx, t0 + tx < r1);
+    // Units: tiles, or (reduced output) loss blocks; one loop, so that the tile's code is inlined
+    // once.
+    __shared__ acc_t part[kRowsStridedThreads];
+    const bool reduced = a.block_loss != nullptr;
+    const int64_t N = a.rows / a.D;
+    const int64_t units = reduced ? loss_blocks(N, a.C, a.D) : ceil_div(a.rows, TX);
+    for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {  // block-uniform
+      int64_t r0 = u * TX, r1 = r0 + TX;
+      if (reduced) loss_block_range(u, N, a.C, a.D, &r0, &r1);
+      if (r1 > a.rows) r1 = a.rows;
+      acc_t sum = acc_t(0);
+#pragma unroll 1
+      for (int64_t t0 = r0; t0 < r1; t0 += TX) sum += one_tile(t0 + tx, t0 + tx < r1);
+      if (reduced) {
         if (ty == 0) part[tx] = sum;
-        store_block_sum(static_cast<acc_t*>(a.block_loss), b, part, TX);
+        store_block_sum(static_cast<acc_t*>(a.block_loss), u, part, TX);
       }
-      return;
     }
-  }
-  for (int64_t tile = blockIdx.x; tile * TX < a.rows; tile += gridDim.x) {  // block-uniform
-    const int64_t r = tile * TX + tx;
-    one_tile(r, r < a.rows);
+  } else {
+    for (int64_t tile = blockIdx.x; tile * TX < a.rows; tile += gridDim.x) {  // block-uniform
+      const int64_t r = tile * TX + tx;
+      one_tile(r, r < a.rows);
+    }
   }
 }
 
