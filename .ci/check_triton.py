@@ -142,6 +142,7 @@ def scenarios(quick):
             "ld+st"
     yield "CE seg N=1 C=19 D=2^34/19 bf16", ce(1, 19, 2**34 // 19, torch.bfloat16), ""
     yield from elementwise_scenarios(quick)
+    yield from softmax_focal_scenarios(quick)
     if quick:
         return
     fp16 = torch.float16
@@ -226,6 +227,50 @@ def elementwise_scenarios(quick):
         yield "sigmoid_focal (4, 1000, 80) fp64", sf((4, 1000, 80), torch.float64), "ld+st"
         yield "bce (16, 1000) fp16 pos_weight", bc((16, 1000), torch.float16,
                                                    pos_weight=(1000,)), "ld+st"
+
+
+def softmax_focal_scenarios(quick):
+    """The softmax focal loss launches (kernels/softmax_focal.py): segmentation and volumes
+    (class stride D), channels-last (class stride 1), classification heads and an LM vocabulary;
+    per-row ('none') and block-sum outputs, the gamma paths (0: cross-entropy, 2: multiplies,
+    0.5: pow), class weights, no gradient; float64; the 2^34-logit grid."""
+    import torch
+
+    from fusedloss.kernels import softmax_focal
+
+    def sf(N, C, D, dtype, gamma=2.0, weight=False, reduce=True, grad=True, layout="ncd"):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        if layout == "channels_last":
+            x = torch.empty(N, D, C, dtype=dtype, device="meta").transpose(1, 2)
+        else:
+            x = torch.empty(N, C, D, dtype=dtype, device="meta")
+        t = torch.empty(N, D, dtype=torch.int64, device="meta")
+        w = torch.empty(C, dtype=acc, device="meta") if weight else None
+        s = torch.empty((), dtype=acc, device="meta")
+        return lambda: softmax_focal.softmax_focal_fwd(x, t, w, s, gamma, -100, reduce, grad)
+
+    variants = {"mean": {}, "none weight": dict(reduce=False, weight=True),
+                "gamma0": dict(gamma=0.0), "gamma0.5 weight": dict(gamma=0.5, weight=True),
+                "no-grad": dict(grad=False)}
+    if quick:
+        variants = {k: variants[k] for k in ("mean", "gamma0.5 weight")}
+    dtypes = {"bf16": torch.bfloat16} if quick else {"fp32": torch.float32,
+                                                      "bf16": torch.bfloat16}
+    for dname, dt in dtypes.items():
+        for vname, kw in variants.items():
+            yield (f"SFocal seg N=8 C=19 D=512^2 {dname} {vname}", sf(8, 19, 512 * 512, dt, **kw),
+                   "")
+            yield f"SFocal vol N=2 C=4 D=96^3 {dname} {vname}", sf(2, 4, 96**3, dt, **kw), ""
+        yield (f"SFocal seg channels-last N=8 C=19 D=512^2 {dname}",
+               sf(8, 19, 512 * 512, dt, layout="channels_last"), "ld")
+        yield f"SFocal cls N=4096 C=1000 {dname} weight", sf(4096, 1000, 1, dt, weight=True), \
+            "ld+st"
+        yield f"SFocal LM N=8192 V=128256 {dname}", sf(8192, 128256, 1, dt), "ld+st"
+    if quick:
+        return
+    yield "SFocal cls N=4096 C=1000 fp64", sf(4096, 1000, 1, torch.float64), "ld+st"
+    yield "SFocal seg N=1 C=19 D=2^34/19 bf16", sf(1, 19, 2**34 // 19, torch.bfloat16), ""
+    yield "SFocal N*V=2^34 V=50257 bf16", sf(2**34 // 50257, 50257, 1, torch.bfloat16), "ld+st"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -73,4 +73,14 @@ TORCH_LIBRARY(fusedloss_C, m) {
   m.def(
       "bce_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, float loss_scale, "
       "int reduction, bool compute_grad) -> (Tensor loss, Tensor grad)");
+  // Softmax focal loss on the softmax-row skeleton: input (N, C, D), any strides; target int64
+  // (N, D) class indices; weight (C,) and loss_scale (0-d) in the accumulation dtype; gamma >= 0.
+  // loss: per-row (N, D) in the accumulation dtype, or with reduce the sums over the fixed blocks
+  // of rows of csrc/include/fusedloss/row_blocks.h ((loss_blocks(N, C, D),): 'mean' and 'sum'
+  // without a per-row tensor); each row's loss and gradient times loss_scale. With compute_grad
+  // also d(sum of loss)/d(input) as a contiguous (N, C, D) tensor of input's dtype.
+  m.def(
+      "softmax_focal_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? loss_scale, "
+      "float gamma, int ignore_index, bool reduce, bool compute_grad) -> (Tensor loss, "
+      "Tensor grad)");
 }

@@ -16,12 +16,13 @@ from .functional import (
     cross_entropy,
     linear_cross_entropy,
     sigmoid_focal_loss,
+    softmax_focal_loss,
     total_variation,
 )
 
 __all__ = ["backends", "binary_cross_entropy_with_logits", "cross_entropy", "distributed",
-           "linear_cross_entropy", "nn", "reference", "sigmoid_focal_loss", "total_variation",
-           "__version__"]
+           "linear_cross_entropy", "nn", "reference", "sigmoid_focal_loss", "softmax_focal_loss",
+           "total_variation", "__version__"]
 
 
 def __getattr__(name: str):

@@ -46,6 +46,7 @@ OPS = {
     "total_variation": ("tv_fwd", "tv"),  # the public function's name for fusedloss.backends()
     "sigmoid_focal": ("sigmoid_focal_fwd", "sigmoid_focal"),
     "bce": ("bce_fwd", "bce"),
+    "softmax_focal": ("softmax_focal_fwd", "softmax_focal"),
 }
 
 

@@ -17,11 +17,12 @@ from . import _checks as C
 from .ops import bce as _bce_ops
 from .ops import cross_entropy as _ce_ops
 from .ops import linear_cross_entropy as _lce_ops
-from .ops import sigmoid_focal as _sf_ops
+from .ops import sigmoid_focal as _sigmoid_focal_ops
+from .ops import softmax_focal as _softmax_focal_ops
 from .ops import tv as _tv_ops
 from .ops._common import ElementwiseLossEager as _EwEager
 
-__all__ = ["cross_entropy", "linear_cross_entropy", "sigmoid_focal_loss",
+__all__ = ["cross_entropy", "linear_cross_entropy", "sigmoid_focal_loss", "softmax_focal_loss",
            "binary_cross_entropy_with_logits", "total_variation"]
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # csrc/registration.cpp's cross_entropy_loss
@@ -381,7 +382,7 @@ def sigmoid_focal_loss(
         return reference.sigmoid_focal_loss(input, target, alpha, gamma, reduction, weight=weight)
     red = _REDUCTIONS[reduction]
     args = (target, weight, alpha, gamma, _ew_loss_scale(input, red), red)
-    return _ew_run("sigmoid_focal", name, input, _sf_ops.sigmoid_focal_fwd, args, red)
+    return _ew_run("sigmoid_focal", name, input, _sigmoid_focal_ops.sigmoid_focal_fwd, args, red)
 
 
 def binary_cross_entropy_with_logits(
@@ -407,3 +408,48 @@ def binary_cross_entropy_with_logits(
     red = _REDUCTIONS[reduction]
     args = (target, weight, pos_weight, _ew_loss_scale(input, red), red)
     return _ew_run("bce", name, input, _bce_ops.bce_fwd, args, red)
+def softmax_focal_loss(
+    input: Tensor,
+    target: Tensor,
+    gamma: float = 2.0,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """Multi-class (softmax) focal loss, ``-w[y] (1 - p_y)**gamma log p_y`` per element, fused:
+    one online-softmax pass and the gradient pass, no one-hot, no saved softmax.
+
+    ``input`` ``(N, C)`` or ``(N, C, d1, ..., dk)`` with any strides (channels_last too);
+    ``target`` int64 ``(N, d1, ..., dk)``; ``weight`` ``(C,)`` per-class weights (the per-class
+    alpha); ``ignore_index`` positions give 0; ``'mean'`` divides by the sum of ``w[y]`` over
+    non-ignored positions, as ``cross_entropy`` (which ``gamma=0`` equals). The gradient is
+    computed in the forward when ``input`` requires grad; 'mean' and 'sum' keep no per-position
+    loss. ``backend``: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
+    """
+    gamma = C.softmax_focal_loss_args(input, target, gamma, weight, ignore_index, reduction)
+    name = _fused_backend("softmax_focal", backend, input)
+    if name is None:
+        return reference.softmax_focal_loss(input, target, gamma, weight, ignore_index,
+                                            reduction)
+    needs_grad = input.requires_grad and torch.is_grad_enabled()
+    n, c = input.shape[0], input.shape[1]
+    spatial = tuple(input.shape[2:])
+    d = _numel(spatial)
+    x = input.reshape(n, c, d)
+    tgt = target.reshape(n, d)
+    if not tgt.is_contiguous():
+        tgt = tgt.contiguous()
+    acc = C.acc_dtype(input.dtype)
+    w = None if weight is None else weight.to(acc).contiguous()
+    mean_factor = None
+    if reduction == "mean":
+        mean_factor = _mean_factor(tgt, w, ignore_index, n * d, c, False, acc, name)
+    reduce = reduction != "none"
+    args = (tgt, w, mean_factor, gamma, int(ignore_index), reduce)
+    if needs_grad or torch.compiler.is_compiling():
+        loss, _ = _softmax_focal_ops.softmax_focal_fwd(x, *args, needs_grad, name)
+    else:
+        loss, _ = _backend.kernels("softmax_focal", name).softmax_focal_fwd(x, *args, False)
+    return _reduce_rows(loss, reduction, (n,) + spatial, mean_factor, n * d, input.dtype)

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from . import functional as F
 
-__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "SigmoidFocalLoss", "BCEWithLogitsLoss",
-           "TotalVariationLoss"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "SigmoidFocalLoss", "SoftmaxFocalLoss",
+           "BCEWithLogitsLoss", "TotalVariationLoss"]
 
 
 class _CrossEntropyOptions(torch.nn.Module):
@@ -166,3 +166,26 @@ class BCEWithLogitsLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"
+
+
+class SoftmaxFocalLoss(torch.nn.Module):
+    """Multi-class focal loss over class dimension 1 (``fusedloss.softmax_focal_loss``): logits
+    ``(N, C)`` or ``(N, C, d1, ..., dk)``, int64 targets, per-class ``weight`` (alpha) as a buffer
+    that follows ``.to()``, ``ignore_index``, ``reduction``."""
+
+    def __init__(self, gamma: float = 2.0, weight: Optional[Tensor] = None,
+                 ignore_index: int = -100, reduction: str = "mean", *, backend: str = "auto"):
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.softmax_focal_loss(input, target, self.gamma, self.weight, self.ignore_index,
+                                    self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"gamma={self.gamma}, ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}")

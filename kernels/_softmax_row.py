@@ -219,3 +219,17 @@ def _softmax_row_grad(
                          HAS_SOFTCAP, SUB_V, TARGET_COL, ZERO_ROWS)
         _store_rounded(g_ptr + _body_offsets(g_row, head, j, cols, g_stride_c, G_VEC), g, mask,
                        EMULATE_RTNE)
+
+
+def loss_block_rows(C, D):
+    """Rows per block of the reduced output ('mean' / 'sum' as block sums of the rows' losses, no
+    per-row tensor): the Python copy of csrc/include/fusedloss/row_blocks.h for the launchers (a
+    power of two, 1024 up to 64 classes, about 64K logits a block, at least 64 when D > 1). A
+    kernel's program owns one block: D == 1, K consecutive rows along n; D > 1, K consecutive d
+    of one n."""
+    k = 1024
+    while k > 1 and k * C > 65536:
+        k >>= 1
+    if D > 1 and k < 64:
+        k = 64
+    return k

@@ -624,3 +624,113 @@ def _tv_compile(device):
 
 OPS.append(OpInfo("tv", _tv, _tv_ref, _tv_samples, _tv_bad, _tv_ops, _tv_gradcheck,
                   _tv_compile))
+# softmax_focal_loss -------------------------------------------------------------------------
+
+
+def _sf_samples(device):
+    def t(shape, c, frac=0.0):
+        return class_targets(shape, c, device, frac)
+    x = lambda *s: make(s, device=device)  # noqa: E731
+    w = lambda c: torch.rand(c, device=device) + 0.1  # noqa: E731
+    return [
+        Sample("1-row", (x(1, 1), t((1,), 1))),
+        Sample("mean-ignored", (x(8, 13), t((8,), 13, 0.4))),
+        Sample("none-weighted", (x(6, 7), t((6,), 7, 0.3)),
+               {"weight": w(7), "gamma": 0.5, "reduction": "none"}),
+        Sample("gamma0-sum", (x(5, 9), t((5,), 9)), {"gamma": 0.0, "reduction": "sum"}),
+        Sample("spatial", (x(2, 5, 3, 4), t((2, 3, 4), 5, 0.2)), {"reduction": "none"}),
+        # several blocks of the reduced output: along n (D == 1), along d, large C
+        Sample("rows-blocks", (x(2100, 3), t((2100,), 3, 0.1)), {"weight": w(3)}),
+        Sample("spatial-blocks", (x(2, 4, 1100), t((2, 1100), 4, 0.1)),
+               {"reduction": "sum", "gamma": 1.5}),
+        Sample("large-C-blocks", (x(20, 4099), t((20,), 4099, 0.1)), {"gamma": 3.0}),
+        Sample("empty-rows", (x(0, 10), t((0,), 10)), empty=True),
+        Sample("empty-spatial", (x(2, 4, 0), t((2, 0), 4)), {"reduction": "none"}, empty=True),
+    ]
+
+
+def _sf_bad(device):
+    x = make((4, 5), device=device)
+    t = class_targets((4,), 5, device)
+    return [
+        BadInput("reduction", (x, t), {"reduction": "avg"}, ValueError, "reduction"),
+        BadInput("gamma", (x, t), {"gamma": -1.0}, ValueError, "gamma"),
+        BadInput("gamma-nan", (x, t), {"gamma": float("nan")}, ValueError, "gamma"),
+        BadInput("target-shape", (x, t[:3]), {}, ValueError, "target"),
+        BadInput("target-int32", (x, t.int()), {}, TypeError, "target"),
+        BadInput("target-float", (x, t.float()), {}, TypeError, "target"),
+        BadInput("input-dtype", (x.long(), t), {}, TypeError, "input"),
+        BadInput("input-1d", (x[0], t[0]), {}, ValueError, "input"),
+        BadInput("weight-shape", (x, t), {"weight": torch.ones(4, device=device)}, ValueError,
+                 "weight"),
+        BadInput("ignore_index-type", (x, t), {"ignore_index": 1.5}, TypeError, "ignore_index"),
+        BadInput("backend", (x, t), {"backend": "tpu"}, ValueError, "backend"),
+    ]
+
+
+def _sf_ops(device, backend):
+    x = make((3, 2, 17), device=device)
+    t = class_targets((3, 17), 2, device)
+    t[0, 0] = -100
+    w, s = torch.rand(2, device=device), torch.tensor(0.5, device=device)
+    x1 = make((70, 5), device=device).unsqueeze(2)
+    t1 = class_targets((70, 1), 5, device, ignore_frac=0.2)
+    out = []
+    for xx, tt, ww in ((x, t, w), (x1, t1, None)):
+        for reduce in (False, True):
+            for compute_grad in (False, True):
+                out.append((torch.ops.fusedloss.softmax_focal_fwd,
+                            (xx.clone().requires_grad_(compute_grad), tt, ww, s, 2.0, -100,
+                             reduce, compute_grad, backend)))
+    if backend != "triton":
+        out.append((torch.ops.fusedloss_C.softmax_focal_fwd, (x, t, w, s, 0.5, -100, True, True)))
+        out.append((torch.ops.fusedloss_C.softmax_focal_fwd, (x, t, None, None, 2.0, -100, False,
+                                                              False)))
+    return out
+
+
+def _sf_gradcheck(device):
+    x = make((3, 9), torch.float64, device)
+    t = class_targets((3,), 9, device, ignore_frac=0.25)
+    t[0] = 2
+    w = torch.rand(9, dtype=torch.float64, device=device) + 0.1
+    return [
+        Sample("mean", (x, t)),
+        Sample("none-weighted", (x, t), {"reduction": "none", "weight": w, "gamma": 0.5}),
+        Sample("mean-gamma3.5", (x, t), {"weight": w, "gamma": 3.5}),
+        Sample("spatial-sum", (make((2, 3, 4), torch.float64, device),
+                               class_targets((2, 4), 3, device)), {"reduction": "sum",
+                                                                   "gamma": 1.0}),
+    ]
+
+
+def _sf_compile(device):
+    x = make((5, 8), device=device)
+    t = class_targets((5,), 8, device, ignore_frac=0.3)
+    t[0] = 1
+    return [
+        Sample("mean-weighted", (x, t), {"weight": torch.rand(8, device=device) + 0.1}),
+        Sample("none", (x, t), {"reduction": "none", "gamma": 0.5}),
+        Sample("spatial-sum", (make((2, 3, 70), device=device),
+                               class_targets((2, 70), 3, device)), {"reduction": "sum"}),
+    ]
+
+
+def _sf_torch_half(input, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean"):
+    """The focal loss from torch ops at the input's precision (log_softmax + gather)."""
+    logp = torch.log_softmax(input, 1)
+    valid = target != ignore_index
+    y = torch.where(valid, target, 0).unsqueeze(1)
+    lp = logp.gather(1, y).squeeze(1)
+    w = torch.ones(input.shape[1], dtype=input.dtype, device=input.device) if weight is None \
+        else weight.to(input.dtype)
+    wy = torch.where(valid, w[y.squeeze(1)], 0)
+    loss = -wy * (-torch.expm1(lp)) ** gamma * lp
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.sum() / wy.sum()
+
+
+OPS.append(OpInfo("softmax_focal", fusedloss.softmax_focal_loss, reference.softmax_focal_loss,
+                  _sf_samples, _sf_bad, _sf_ops, _sf_gradcheck, _sf_compile,
+                  torch_half=_sf_torch_half))

@@ -17,9 +17,15 @@
 //    A row whose lse is not finite (NaN or +inf logits) gets a NaN gradient, an ignored row
 //    exactly 0;
 //  - softcap: xs = cap * tanh(x / cap) replaces the logits (staged once per row);
+//  - per-row loss (policies with kRowLoss = true: the epilogue leaves the row's loss in
+//    out.loss): stored per row (RowsLayout::row_loss) or, the reduced output of a 'mean' or
+//    'sum', summed over the fixed blocks of rows of row_blocks.h (RowsLayout::block_loss), each
+//    block by one thread in row order (deterministic, and a few floats instead of one per row).
+//    Policies without kRowLoss write their outputs themselves in the epilogue;
 //  - layouts: rows (class stride 1: the (N, C) logits of a language model), spatial (D > 1 and
 //    spatial stride 1 for the input, gradient and element operand: segmentation (N, C, H*W); lanes
-//    of a vector are rows there), and every other stride through per-thread row buffers
+//    of a vector are rows there; also a few classes at other position strides, channels-last,
+//    through gathered tiles), and every other stride through per-thread row buffers
 //    (gathered, or scattered for the gradient); large gradients of their own are written with
 //    streaming stores (rows path).
 //
@@ -34,6 +40,7 @@
 //     static constexpr bool kGradReadsX = false;  // grad() reads v.x
 //     static constexpr bool kClassOperand = false;  // reads class_operand, (C,), as v.w
 //     static constexpr Aux kAux = Aux::kNone;     // the epilogue's aux value (see Aux)
+//     static constexpr bool kRowLoss = false;     // optional: the epilogue sets out.loss
 //     const A* class_operand;                     // the (C,) operand (class weights), if read
 //     const A* lane_table;                        // lane_sums(C, w) for SumKind::kDevTable
 //     struct Row { int64_t col; bool ignored; ... };  // col: logit the epilogue reads (-1: none)
@@ -62,6 +69,7 @@
 
 #include <ATen/Parallel.h>
 #include <fusedloss/cross_entropy.h>
+#include <fusedloss/row_blocks.h>
 
 #include <algorithm>
 #include <cmath>
@@ -172,7 +180,14 @@ struct RowOut {
   int64_t fix_col = -1;   // a column whose gradient is fix_val instead (-1: none)
   A fix_val = 0;          // (before the softcap factor)
   bool want_grad = false;  // set by the skeleton: the row's gradient will be computed
+  A loss = 0;             // the row's loss (policies with kRowLoss)
 };
+
+// Whether policy P has kRowLoss = true (the epilogue sets out.loss; the skeleton stores or sums it).
+template <typename P, typename = void>
+struct row_loss_policy : std::false_type {};
+template <typename P>
+struct row_loss_policy<P, std::void_t<decltype(P::kRowLoss)>> : std::bool_constant<P::kRowLoss> {};
 
 // Zero-fills the lanes >= n of v in the tail of a row (nothing otherwise).
 template <bool TAIL, typename V>
@@ -195,6 +210,11 @@ struct RowsLayout {
   T* g;  // the gradient (may be x itself: in place), or nullptr
   int64_t g_sn, g_sc, g_sd;
   double softcap;  // <= 0: off
+  // Policies with kRowLoss: at most one of these, in the accumulation dtype (both nullptr: the
+  // loss is not stored). row_loss (N*D,): one loss per row; block_loss (loss_blocks(N, C, D),):
+  // the sum of each fixed block of rows of row_blocks.h.
+  void* row_loss = nullptr;
+  void* block_loss = nullptr;
 };
 
 // The lse-only policy: the row's logsumexp and nothing else (logsumexp_fwd: the partial logsumexp
@@ -480,9 +500,10 @@ void pass2(const P& pol_, const X* x, const TT* t, const A* e, const A* mc, O* g
 }
 
 // One row r of the rows path: x, t, g contiguous (x softcapped when CAPPED), g may be nullptr.
+// Returns the policy's out.loss (0 without kRowLoss).
 template <typename P, bool CAPPED, typename X, typename TT, typename O, typename A>
-void row(const P& pol, const typename P::Row& rw, int64_t r, const X* x, const TT* t, O* g,
-         int64_t C, RowScratch<A>& scratch, A cap, bool stream) {
+A row(const P& pol, const typename P::Row& rw, int64_t r, const X* x, const TT* t, O* g,
+      int64_t C, RowScratch<A>& scratch, A cap, bool stream) {
   constexpr bool STORED = P::kStoreExp;
   A sums[nsums<P>()];
   const bool grad = g != nullptr && !rw.ignored;
@@ -500,14 +521,14 @@ void row(const P& pol, const typename P::Row& rw, int64_t r, const X* x, const T
   RowOut<A, P::kCoefs> out;
   out.want_grad = grad;
   pol.epilogue(rw, r, L, sums, x_col, aux, out);
-  if (!g) return;
+  if (!g) return out.loss;
   if (rw.ignored) {
     std::fill(g, g + C, O(0));
-    return;
+    return out.loss;
   }
   if (!std::isfinite(L.lse)) {  // NaN or infinite logits: NaN gradient, as torch
     std::fill(g, g + C, O(kNaN<A>));
-    return;
+    return out.loss;
   }
   pass2<P, STORED, CAPPED>(pol, x, t, scratch.e.data(), scratch.m.data(), g, C, L, out, cap,
                            stream);
@@ -516,6 +537,7 @@ void row(const P& pol, const typename P::Row& rw, int64_t r, const X* x, const T
     if constexpr (CAPPED) v *= ce::softcap_grad(x_col, cap);
     g[out.fix_col] = static_cast<O>(v);
   }
+  return out.loss;
 }
 
 // Softcap a contiguous buffer of acc values in place.
@@ -575,11 +597,19 @@ void run_rows(const P& pol, const RowsLayout<T>& a) {
                       stream_aligned(g + a.g_sn) &&
                       rows * C * int64_t(sizeof(T)) >= kStreamMinBytes;
 
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+  // Work units: rows, or the blocks of rows of the reduced output.
+  A* const row_loss = row_loss_policy<P>::value ? static_cast<A*>(a.row_loss) : nullptr;
+  A* const block_loss = row_loss_policy<P>::value ? static_cast<A*>(a.block_loss) : nullptr;
+  const int64_t units = block_loss ? loss_blocks(a.N, C, D) : rows;
+  const int64_t ugrain =
+      block_loss ? std::max<int64_t>(1, grain / loss_block_rows(C, D)) : grain;
+
+  at::parallel_for(0, units, ugrain, [&](int64_t u0, int64_t u1) {
     std::vector<A> xbuf(stage_x ? C : 0), gbuf(g_direct ? 0 : C), tbuf(stage_t ? C : 0);
     RowScratch<A> scratch;
     if (g && P::kStoreExp) scratch.reserve(C);
-    for (int64_t r = r0; r < r1; ++r) {
+    auto one_row = [&](int64_t r) -> A {
+      A loss = 0;
       const int64_t n = r / D, d = r - n * D;
       const typename P::Row rw = pol.row(r);
       const T* xr = x + n * a.x_sn + d * a.x_sd;
@@ -598,9 +628,9 @@ void run_rows(const P& pol, const RowsLayout<T>& a) {
       auto go = [&](auto cp, const auto* xs, const auto* ts) {
         constexpr bool CP = decltype(cp)::value;
         if (gb) {
-          row<P, CP>(pol, rw, r, xs, ts, gb, C, scratch, cap, stream);
+          loss = row<P, CP>(pol, rw, r, xs, ts, gb, C, scratch, cap, stream);
         } else {
-          row<P, CP>(pol, rw, r, xs, ts, gr, C, scratch, cap, stream);
+          loss = row<P, CP>(pol, rw, r, xs, ts, gr, C, scratch, cap, stream);
         }
       };
       if (!stage_x) {
@@ -617,6 +647,21 @@ void run_rows(const P& pol, const RowsLayout<T>& a) {
       if (gr && gb) {
         for (int64_t c = 0; c < C; ++c) gr[c * a.g_sc] = static_cast<T>(gb[c]);
       }
+      return loss;
+    };
+    if (block_loss) {
+      for (int64_t b = u0; b < u1; ++b) {
+        int64_t r0, r1;
+        loss_block_range(b, a.N, C, D, &r0, &r1);
+        A sum = 0;
+        for (int64_t r = r0; r < r1; ++r) sum += one_row(r);
+        block_loss[b] = sum;
+      }
+    } else {
+      for (int64_t r = u0; r < u1; ++r) {
+        const A loss = one_row(r);
+        if (row_loss) row_loss[r] = loss;
+      }
     }
     if (stream) stream_fence();
   });
@@ -624,10 +669,11 @@ void run_rows(const P& pol, const RowsLayout<T>& a) {
 
 constexpr int64_t kPrefetchTiles = 4;
 
-// Spatial path: input, gradient and element operand have spatial stride 1 (D > 1). One work item
-// is a tile of P = one pair of consecutive positions d of one n; lane l is row (n, d0 + l). The
-// tile's logits are staged (converted, softcapped) as [c][lane], the max is taken first, so the
-// sums need no rescale.
+// Spatial path: input, gradient and element operand have spatial stride 1 (D > 1), or a few
+// classes (kGatherTileMaxC) at any position strides (channels-last: the tile's positions are
+// gathered, its gradient scattered). One work item is a tile of P = one pair of consecutive
+// positions d of one n; lane l is row (n, d0 + l). The tile's logits are staged (converted,
+// softcapped) as [c][lane], the max is taken first, so the sums need no rescale.
 template <typename P, typename T>
 void run_spatial(const P& pol_, const RowsLayout<T>& a) {
   using A = acc_t<T>;
@@ -646,8 +692,16 @@ void run_spatial(const P& pol_, const RowsLayout<T>& a) {
   const bool capped = a.softcap > 0;
   const A cap = capped ? static_cast<A>(a.softcap) : A(0);
   const int64_t grain = std::max<int64_t>(1, 16384 / (C * PR));
+  // Work units: tiles, or the blocks of the reduced output (whole tiles: K % PR == 0).
+  A* const row_loss = row_loss_policy<P>::value ? static_cast<A*>(a.row_loss) : nullptr;
+  A* const block_loss = row_loss_policy<P>::value ? static_cast<A*>(a.block_loss) : nullptr;
+  const int64_t K = loss_block_rows(C, D);
+  static_assert(64 % PR == 0, "a block of the reduced output is whole tiles");
+  const int64_t per_n = loss_blocks_along(D, K);
+  const int64_t units = block_loss ? N * per_n : N * tiles;
+  const int64_t ugrain = block_loss ? std::max<int64_t>(1, grain / (K / PR)) : grain;
 
-  at::parallel_for(0, N * tiles, grain, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, units, ugrain, [&](int64_t u0, int64_t u1) {
     const P pol = pol_;  // a local copy: its constants stay in registers through the loops
     std::vector<A> xs(C * PR);              // staged (softcapped) logits, [c][lane]
     std::vector<A> es(g ? C * PR : 0);      // exp(x - m), [c][lane]
@@ -656,7 +710,8 @@ void run_spatial(const P& pol_, const RowsLayout<T>& a) {
     RowOut<A, P::kCoefs> outs[PR];
     typename P::Row rws[PR];
     const V vcap(cap);
-    for (int64_t it = i0; it < i1; ++it) {
+    // One tile; its rows' losses (kRowLoss) go to row_loss, or are added to *acc in row order.
+    auto tile = [&](int64_t it, A* acc) {
       const int64_t n = it / tiles, d0 = (it - n * tiles) * PR;
       const int64_t np = std::min(PR, D - d0);
       const int64_t row0 = n * D + d0;
@@ -664,23 +719,29 @@ void run_spatial(const P& pol_, const RowsLayout<T>& a) {
         if (l >= np) break;
         rws[l] = pol.row(row0 + l);
       }
-      auto load = [&](const T* p, V& v0, V& v1) {
-        if (np == PR) {
+      // The tile's positions at element stride s (1: vector loads; else gathered).
+      auto load = [&](const T* p, int64_t s, V& v0, V& v1) {
+        if (s != 1) {
+          IO::load_strided(p, s, np, v0, v1);
+        } else if (np == PR) {
           IO::load(p, v0, v1);
         } else {
           IO::load_n(p, np, v0, v1);
         }
       };
       // Stage and max.
-      const T* xb = x + n * a.x_sn + d0;
+      const T* xb = x + n * a.x_sn + d0 * a.x_sd;
       V m0(kLowest<A>), m1(kLowest<A>);
       for (int64_t c = 0; c < C; ++c) {
-        // C strided streams, one pair each per tile: fetch a few tiles ahead (past the end of the
-        // row it only fetches a line we do not need).
-        const char* ahead = reinterpret_cast<const char*>(xb + c * a.x_sc + kPrefetchTiles * PR);
-        for (int64_t b = 0; b < PR * int64_t(sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
+        if (a.x_sd == 1) {
+          // C strided streams, one pair each per tile: fetch a few tiles ahead (past the end of
+          // the row it only fetches a line we do not need).
+          const char* ahead =
+              reinterpret_cast<const char*>(xb + c * a.x_sc + kPrefetchTiles * PR);
+          for (int64_t b = 0; b < PR * int64_t(sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
+        }
         V v0, v1;
-        load(xb + c * a.x_sc, v0, v1);
+        load(xb + c * a.x_sc, a.x_sd, v0, v1);
         if (capped) {
           v0 = vcap * (v0 / vcap).tanh();
           v1 = vcap * (v1 / vcap).tanh();
@@ -706,7 +767,7 @@ void run_spatial(const P& pol_, const RowsLayout<T>& a) {
         }
         if constexpr (P::kSums > 0) {
           V t0, t1, wc;
-          if constexpr (P::kElem) load(tp + n * a.t_sn + c * a.t_sc + d0, t0, t1);
+          if constexpr (P::kElem) load(tp + n * a.t_sn + c * a.t_sc + d0 * a.t_sd, a.t_sd, t0, t1);
           if constexpr (P::kClassOperand) wc = V(w[c]);
           pol.template sums<false>(ac0, Lanes<V>{v0, e0, t0, wc}, m0, VS);
           pol.template sums<false>(ac1, Lanes<V>{v1, e1, t1, wc}, m1, VS);
@@ -752,6 +813,13 @@ void run_spatial(const P& pol_, const RowsLayout<T>& a) {
         out.want_grad = g != nullptr && !rw.ignored;
         pol.epilogue(rw, row0 + l, L, sl, xcb[l],
                      P::kAux == Aux::kNone ? A(0) : auxb[l], out);
+        if constexpr (row_loss_policy<P>::value) {
+          if (row_loss) {
+            row_loss[row0 + l] = out.loss;
+          } else if (acc) {
+            *acc += out.loss;
+          }
+        }
         if (rw.ignored) {
           fixm[l] = 1;
           fixv[l] = 0;
@@ -766,7 +834,7 @@ void run_spatial(const P& pol_, const RowsLayout<T>& a) {
           out.fix_col = -1;
         }
       }
-      if (!g) continue;
+      if (!g) return;
       // Gradient.
       const V zero(0), one(1);
       const V qa0 = V::loadu(psb), qa1 = V::loadu(psb + VS);
@@ -777,11 +845,11 @@ void run_spatial(const P& pol_, const RowsLayout<T>& a) {
         k0[j] = V::loadu(kb[j]);
         k1[j] = V::loadu(kb[j] + VS);
       }
-      T* gb = g + n * a.g_sn + d0;
+      T* gb = g + n * a.g_sn + d0 * a.g_sd;
       for (int64_t c = 0; c < C; ++c) {
         const V v0 = V::loadu(xs.data() + c * PR), v1 = V::loadu(xs.data() + c * PR + VS);
         V t0, t1, wc;
-        if constexpr (P::kElem) load(tp + n * a.t_sn + c * a.t_sc + d0, t0, t1);
+        if constexpr (P::kElem) load(tp + n * a.t_sn + c * a.t_sc + d0 * a.t_sd, a.t_sd, t0, t1);
         if constexpr (P::kClassOperand) wc = V(w[c]);
         V g0 = pol.grad(k0, qa0 * V::loadu(es.data() + c * PR), Lanes<V>{v0, zero, t0, wc});
         V g1 = pol.grad(k1, qa1 * V::loadu(es.data() + c * PR + VS), Lanes<V>{v1, zero, t1, wc});
@@ -792,7 +860,9 @@ void run_spatial(const P& pol_, const RowsLayout<T>& a) {
         }
         g0 = V::blendv(g0, fv0, fm0);
         g1 = V::blendv(g1, fv1, fm1);
-        if (np == PR) {
+        if (a.g_sd != 1) {
+          IO::store_strided(gb + c * a.g_sc, a.g_sd, np, g0, g1);
+        } else if (np == PR) {
           IO::store(gb + c * a.g_sc, g0, g1);
         } else {
           IO::store_n(gb + c * a.g_sc, np, g0, g1);
@@ -803,21 +873,38 @@ void run_spatial(const P& pol_, const RowsLayout<T>& a) {
         if (out.fix_col < 0) continue;
         A v = out.fix_val;
         if (capped) v *= ce::softcap_grad(xs[out.fix_col * PR + l], cap);
-        gb[out.fix_col * a.g_sc + l] = static_cast<T>(v);
+        gb[out.fix_col * a.g_sc + l * a.g_sd] = static_cast<T>(v);
       }
+    };
+    if (block_loss) {
+      for (int64_t b = u0; b < u1; ++b) {
+        const int64_t n = b / per_n, j = b - n * per_n;
+        const int64_t t1 = std::min((j + 1) * K, D);
+        A sum = 0;
+        for (int64_t d0 = j * K; d0 < t1; d0 += PR) tile(n * tiles + d0 / PR, &sum);
+        block_loss[b] = sum;
+      }
+    } else {
+      for (int64_t it = u0; it < u1; ++it) tile(it, nullptr);
     }
   });
 }
 
 }  // namespace sr_detail
 
+// Classes up to which the spatial path also takes positions that are not contiguous (a
+// channels-last (N, C, H*W) view: class stride 1, position stride C), gathering its tiles: the
+// rows path's per-row work costs more than the gathers for a few classes (C = 19 float32: 3.6x).
+constexpr int64_t kGatherTileMaxC = 64;
+
 // Runs policy pol over every row of the layout a: the spatial path when D > 1 and the input,
-// gradient and element operand all have spatial stride 1, else the rows path.
+// gradient and element operand all have spatial stride 1 (or C <= kGatherTileMaxC), else the rows
+// path.
 template <typename P, typename T>
 void softmax_rows(const P& pol, const RowsLayout<T>& a) {
   if (a.N * a.D == 0) return;
-  const bool spatial = a.D > 1 && a.x_sd == 1 && (a.g == nullptr || a.g_sd == 1) &&
-                       (!P::kElem || a.t_sd == 1);
+  const bool unit = a.x_sd == 1 && (a.g == nullptr || a.g_sd == 1) && (!P::kElem || a.t_sd == 1);
+  const bool spatial = a.D > 1 && (unit || a.C <= kGatherTileMaxC);
   if (spatial) {
     sr_detail::run_spatial(pol, a);
   } else {

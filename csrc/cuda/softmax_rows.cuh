@@ -54,13 +54,25 @@
 //   __device__ bool zero_grad(const Row&, const Coef&) const;   the row's gradient is exactly 0
 //   __device__ acc_t grad(const Coef&, const Row&, int64_t c, acc_t xs, acc_t aux) const;
 //                                                   d(returned loss)/d(x_c), chain rule included
+//   optional: static constexpr bool kRowLoss = true and
+//   __device__ acc_t row_loss(const Coef&) const;   the row's loss, for the reduced output below
 // The host calls launch_softmax_rows(args, policy) under a CUDAGuard of the input's device.
+//
+// Reduced output (row_blocks.h; policies with kRowLoss = true and row_loss(coef) -> its loss):
+// with RowsArgs::block_loss set, the kernels sum the rows' losses over the fixed blocks of rows
+// that every backend uses ('mean' / 'sum' without a per-row tensor) instead of calling store_row.
+// A thread block owns whole loss blocks (the grid-stride loop runs over them); inside one, each
+// row goes to a fixed thread (warp, or column) that adds its rows in order, and the threads'
+// sums are added in thread order: the result depends on neither the grid nor the timing.
 #pragma once
 
 #include <c10/cuda/CUDAStream.h>
 
+#include <type_traits>
+
 #include "common.cuh"
 #include "fusedloss/cross_entropy.h"  // ce::OnlineLSE
+#include "fusedloss/row_blocks.h"
 
 namespace fusedloss {
 namespace cuda {
@@ -132,7 +144,15 @@ struct RowsArgs {
   scalar_t* g;  // (N, C, D) gradient, or null: no pass 2
   int64_t gN, gC, gD;
   int64_t C, D, rows;  // rows = N * D
+  void* block_loss;    // acc_t (loss_blocks(N, C, D),): the reduced output (kRowLoss), or null
 };
+
+// Whether policy P has kRowLoss = true (row_loss(coef) gives a row's loss for the block sums).
+template <typename P, typename = void>
+struct row_loss_policy : std::false_type {};
+template <typename P>
+struct row_loss_policy<P, std::void_t<decltype(P::kRowLoss)>>
+    : std::integral_constant<bool, P::kRowLoss> {};
 
 // RowsArgs for an (N, C, D) input on the host: x with its strides (those that cannot matter
 // normalised, C == 1 -> 1 and D == 1 -> 0, so that the fast-path tests see through them), no aux
@@ -151,6 +171,7 @@ RowsArgs<scalar_t> input_rows_args(const at::Tensor& input) {
   a.aN = a.aC = a.aD = 0;
   a.g = nullptr;
   a.gN = a.gC = a.gD = 0;
+  a.block_loss = nullptr;
   return a;
 }
 
@@ -159,8 +180,20 @@ using StateOf = SoftmaxState<typename P::acc_t, typename P::Extra>;
 
 // One row on the contiguous path (x class stride 1): a warp (BLOCK = false, tid = lane, nt = 32)
 // or the whole block (BLOCK = true, tid = threadIdx.x, nt = blockDim.x) works on it.
+// A row's loss for the block sums (0 for a policy without kRowLoss: never called then).
+template <typename P>
+__device__ __forceinline__ typename P::acc_t row_loss_of(const P& pol, const typename P::Coef& cf) {
+  if constexpr (row_loss_policy<P>::value) {
+    return pol.row_loss(cf);
+  } else {
+    return typename P::acc_t(0);
+  }
+}
+
+// Returns the row's loss for the reduced output (row_loss_of; 0 without kRowLoss), on every thread
+// of the row.
 template <bool BLOCK, typename P>
-__device__ __forceinline__ void softmax_row_contiguous(
+__device__ __forceinline__ typename P::acc_t softmax_row_contiguous(
     const RowsArgs<typename P::scalar_t>& a, const P& pol, int64_t r, int tid, int nt,
     BlockReduceStorage<StateOf<P>, kRowsBlockMaxThreads>* sh) {
   using scalar_t = typename P::scalar_t;
@@ -243,8 +276,8 @@ __device__ __forceinline__ void softmax_row_contiguous(
   }
 
   const typename P::Coef cf = pol.epilogue(row, st.lse, st.ex);
-  if (tid == 0) pol.store_row(r, cf);
-  if (a.g == nullptr) return;
+  if (tid == 0 && (!row_loss_policy<P>::value || a.block_loss == nullptr)) pol.store_row(r, cf);
+  if (a.g == nullptr) return row_loss_of(pol, cf);
 
   // ---- pass 2
   scalar_t* grow = a.g + n * a.gN + d * a.gD;
@@ -289,6 +322,20 @@ __device__ __forceinline__ void softmax_row_contiguous(
   for (int64_t c = sp.tail + tid; c < C; c += nt) {
     grow[c * a.gC] = static_cast<scalar_t>(grad_at(c));
   }
+  return row_loss_of(pol, cf);
+}
+
+// Block sums: thread block loops over the loss blocks of the reduced output; part[] holds one sum
+// per worker (warp or column), added in worker order by thread 0.
+template <typename A>
+__device__ __forceinline__ void store_block_sum(A* out, int64_t b, A* part, int workers) {
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    A t = A(0);
+    for (int w = 0; w < workers; ++w) t += part[w];
+    out[b] = t;
+  }
+  __syncthreads();  // part[] is reused by the next block
 }
 
 // Register budgets: a min-blocks bound caps registers at 64K / (threads x min-blocks) (rounded
@@ -312,12 +359,39 @@ __global__ void __launch_bounds__(kRowsWarpThreads, rows_warp_min_blocks<P>())
   pol.prepare();
   const int lane = threadIdx.x & (kWarpSize - 1);
   const int64_t warps_per_block = blockDim.x / kWarpSize;
-  const int64_t first =
-      static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarpSize;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * warps_per_block;
-  // Warp-uniform loop: every lane of a warp works on the same row.
-  for (int64_t r = first; r < a.rows; r += step) {
-    softmax_row_contiguous<false, P>(a, pol, r, lane, kWarpSize, nullptr);
+  if constexpr (row_loss_policy<P>::value) {
+    // Units: groups of warps_per_block rows, or (reduced output) loss blocks; one loop, so that
+    // the row's code is inlined once.
+    using acc_t = typename P::acc_t;
+    __shared__ acc_t part[kRowsWarpThreads / kWarpSize];
+    const int warp = threadIdx.x / kWarpSize;
+    const bool reduced = a.block_loss != nullptr;
+    const int64_t N = a.rows / a.D;
+    const int64_t units =
+        reduced ? loss_blocks(N, a.C, a.D) : ceil_div(a.rows, warps_per_block);
+    for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {  // block-uniform
+      int64_t r0 = u * warps_per_block, r1 = r0 + warps_per_block;
+      if (reduced) loss_block_range(u, N, a.C, a.D, &r0, &r1);
+      if (r1 > a.rows) r1 = a.rows;
+      acc_t sum = acc_t(0);
+#pragma unroll 1
+      for (int64_t r = r0 + warp; r < r1; r += warps_per_block) {  // warp-uniform
+        sum += softmax_row_contiguous<false, P>(a, pol, r, lane, kWarpSize, nullptr);
+      }
+      if (reduced) {
+        if (lane == 0) part[warp] = sum;
+        store_block_sum(static_cast<acc_t*>(a.block_loss), u, part,
+                        static_cast<int>(warps_per_block));
+      }
+    }
+  } else {
+    const int64_t first =
+        static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarpSize;
+    const int64_t step = static_cast<int64_t>(gridDim.x) * warps_per_block;
+    // Warp-uniform loop: every lane of a warp works on the same row.
+    for (int64_t r = first; r < a.rows; r += step) {
+      softmax_row_contiguous<false, P>(a, pol, r, lane, kWarpSize, nullptr);
+    }
   }
 }
 
@@ -327,9 +401,32 @@ __global__ void __launch_bounds__(kRowsBlockMaxThreads, rows_block_min_blocks<P>
   __shared__ BlockReduceStorage<StateOf<P>, kRowsBlockMaxThreads> sh;
   P pol = pol_in;
   pol.prepare();
-  // Block-uniform loop over rows.
-  for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
-    softmax_row_contiguous<true>(a, pol, r, threadIdx.x, blockDim.x, &sh);
+  if constexpr (row_loss_policy<P>::value) {
+    // Units: rows, or (reduced output) loss blocks of rows. One loop, so that the row's code is
+    // inlined once (twice spills at this kernel's register bound).
+    using acc_t = typename P::acc_t;
+    const bool reduced = a.block_loss != nullptr;
+    const int64_t N = a.rows / a.D;
+    const int64_t units = reduced ? loss_blocks(N, a.C, a.D) : a.rows;
+    __shared__ acc_t part[1];
+    for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {  // block-uniform
+      int64_t r0 = u, r1 = u + 1;
+      if (reduced) loss_block_range(u, N, a.C, a.D, &r0, &r1);
+      acc_t sum = acc_t(0);
+#pragma unroll 1
+      for (int64_t r = r0; r < r1; ++r) {
+        sum += softmax_row_contiguous<true>(a, pol, r, threadIdx.x, blockDim.x, &sh);
+      }
+      if (reduced) {
+        if (threadIdx.x == 0) part[0] = sum;
+        store_block_sum(static_cast<acc_t*>(a.block_loss), u, part, 1);
+      }
+    }
+  } else {
+    // Block-uniform loop over rows.
+    for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
+      softmax_row_contiguous<true>(a, pol, r, threadIdx.x, blockDim.x, &sh);
+    }
   }
 }
 
@@ -347,9 +444,9 @@ __global__ void __launch_bounds__(kRowsStridedThreads)
   const int TX = blockDim.x, TY = blockDim.y;
   const int64_t C = a.C;
 
-  for (int64_t tile = blockIdx.x; tile * TX < a.rows; tile += gridDim.x) {  // block-uniform
-    const int64_t r = tile * TX + tx;
-    const bool active = r < a.rows;
+  // One tile: this thread's row r (if active); returns the row's loss (kRowLoss; 0 if inactive).
+  // Called block-uniformly: every thread takes part in the column all-reduce.
+  auto one_tile = [&](const int64_t r, const bool active) -> acc_t {
     int64_t n = 0, d = 0;
     const scalar_t* xrow = a.x;
     const scalar_t* arow = nullptr;
@@ -377,10 +474,11 @@ __global__ void __launch_bounds__(kRowsStridedThreads)
     // Every thread takes part (inactive ones with the identity); the first barrier also orders
     // every pass-1 read before any pass-2 write.
     column_allreduce(st, sh);
-    if (!active) continue;
+    if (!active) return acc_t(0);
     const typename P::Coef cf = pol.epilogue(row, st.lse, st.ex);
-    if (ty == 0) pol.store_row(r, cf);
-    if (a.g == nullptr) continue;
+    if (ty == 0 && (!row_loss_policy<P>::value || a.block_loss == nullptr)) pol.store_row(r, cf);
+    const acc_t loss = row_loss_of(pol, cf);
+    if (a.g == nullptr) return loss;
     scalar_t* grow = a.g + n * a.gN + d * a.gD;
     const bool zero = pol.zero_grad(row, cf);
     for (int64_t c = ty; c < C; c += TY) {
@@ -393,6 +491,33 @@ __global__ void __launch_bounds__(kRowsStridedThreads)
       }
       grow[c * a.gC] = static_cast<scalar_t>(gr);
     }
+    return loss;
+  };
+
+  if constexpr (row_loss_policy<P>::value) {
+    // Units: tiles, or (reduced output) loss blocks; one loop, so that the tile's code is inlined
+    // once.
+    __shared__ acc_t part[kRowsStridedThreads];
+    const bool reduced = a.block_loss != nullptr;
+    const int64_t N = a.rows / a.D;
+    const int64_t units = reduced ? loss_blocks(N, a.C, a.D) : ceil_div(a.rows, TX);
+    for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {  // block-uniform
+      int64_t r0 = u * TX, r1 = r0 + TX;
+      if (reduced) loss_block_range(u, N, a.C, a.D, &r0, &r1);
+      if (r1 > a.rows) r1 = a.rows;
+      acc_t sum = acc_t(0);
+#pragma unroll 1
+      for (int64_t t0 = r0; t0 < r1; t0 += TX) sum += one_tile(t0 + tx, t0 + tx < r1);
+      if (reduced) {
+        if (ty == 0) part[tx] = sum;
+        store_block_sum(static_cast<acc_t*>(a.block_loss), u, part, TX);
+      }
+    }
+  } else {
+    for (int64_t tile = blockIdx.x; tile * TX < a.rows; tile += gridDim.x) {  // block-uniform
+      const int64_t r = tile * TX + tx;
+      one_tile(r, r < a.rows);
+    }
   }
 }
 
@@ -402,8 +527,11 @@ template <typename P>
 void launch_softmax_rows(const RowsArgs<typename P::scalar_t>& a, const P& pol) {
   using scalar_t = typename P::scalar_t;
   if (a.rows <= 0) return;
-  const RowsLaunch l = plan_softmax_rows(a.rows, a.C, vec_size<scalar_t>(), a.xC == 1,
-                                         a.g != nullptr && a.gC != 1);
+  RowsLaunch l = plan_softmax_rows(a.rows, a.C, vec_size<scalar_t>(), a.xC == 1,
+                                   a.g != nullptr && a.gC != 1);
+  if (row_loss_policy<P>::value && a.block_loss != nullptr) {  // one thread block per loss block
+    l.grid = capped_grid(loss_blocks(a.rows / a.D, a.C, a.D), 1, 0);
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (l.kind) {
     case RowsKernel::Warp:

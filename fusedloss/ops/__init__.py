@@ -8,5 +8,6 @@ from . import (  # noqa: F401  (importing them registers the fusedloss:: custom 
     logsumexp,
     scale_grad,
     sigmoid_focal,
+    softmax_focal,
     tv,
 )

@@ -146,3 +146,29 @@ def elementwise_loss_autograd(op, name: str, nargs: int) -> None:
         return (times_upstream_elementwise(grad, grad_loss, ctx.backend),) + (None,) * (nargs - 1)
 
     op.register_autograd(backward, setup_context=setup_context)
+def loss_block_rows(n_classes: int, d: int) -> int:
+    """Rows per block of the softmax-row skeleton's reduced output (the block sums of the rows'
+    losses that 'mean' and 'sum' use instead of one loss per row): the Python copy of
+    csrc/include/fusedloss/row_blocks.h, for fake kernels and backward passes (the Triton kernels
+    keep their own, kernels/_softmax_row.py; tests check that all agree)."""
+    k = 1024
+    while k > 1 and k * n_classes > 65536:
+        k >>= 1
+    if d > 1 and k < 64:
+        k = 64
+    return k
+
+
+def loss_blocks(n: int, n_classes: int, d: int) -> int:
+    """The number of blocks of an (n, n_classes, d) input's reduced output (row_blocks.h): along
+    n when d == 1, else per n along d."""
+    k = loss_block_rows(n_classes, d)
+    return -(-n // k) if d == 1 else n * -(-d // k)
+
+
+def rows_from_blocks(grad_blocks: Tensor, n: int, n_classes: int, d: int) -> Tensor:
+    """The (n, d) per-row upstream gradient of a block-summed loss: each row gets its block's."""
+    k = loss_block_rows(n_classes, d)
+    if d == 1:
+        return grad_blocks.repeat_interleave(k)[:n].reshape(n, 1)
+    return grad_blocks.reshape(n, -1).repeat_interleave(k, dim=1)[:, :d]
