@@ -569,7 +569,9 @@ def format_table(case: Case, thp: str, rows: list, machine: dict | None, device:
         lines.append("   timing: providers interleaved in one long-lived process, one step each "
                      "per round (a training loop's calls); memory: a fresh process per provider "
                      "(fusedloss with FUSEDLOSS_CPU_GRAD_BUFFER=fresh: its default keeps the "
-                     "gradient buffer resident between steps, the same peak)")
+                     "gradient buffer resident between steps, the same peak; glibc's mmap "
+                     "threshold fixed at 1 MiB for every provider, so freed buffers cannot stay "
+                     "resident and count)")
     fresh = any(r.get("fresh_median_ms") is not None for r in rows)
     hdr = ["provider", "median ms", "min ms", "n", "time vs fusedloss"]
     hdr += ["fresh-process ms"] if fresh else []

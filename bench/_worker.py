@@ -328,6 +328,8 @@ def main(argv=None) -> int:
     with open(argv[0]) as f:
         spec = json.load(f)
     os.environ.update(spec.get("env") or {})  # before anything reads it (fusedloss: lazily)
+    if spec.get("mmap_threshold"):
+        fixed_mmap_threshold(spec["mmap_threshold"])
     if spec.get("mode") == "probe":
         from bench import _harness as H
 
@@ -338,6 +340,22 @@ def main(argv=None) -> int:
     else:
         run(spec)
     return 0
+
+
+def fixed_mmap_threshold(nbytes: int) -> None:
+    """glibc's malloc with a FIXED mmap threshold (mallopt(M_MMAP_THRESHOLD)): every block of at
+    least ``nbytes`` is its own mapping, returned to the OS on free. By default the threshold grows
+    to the size of the largest block freed so far (up to 32 MiB), after which blocks of that size
+    come from the heap and freed ones stay resident: a provider's peak RSS over repeated steps then
+    depends on which of its buffers glibc happened to keep, not on what the computation needs
+    (a (2, 4, 96, 96, 96) loss read as 2x its gradient instead of 1x). Same for every provider."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(nbytes))
+    except (OSError, AttributeError):
+        pass
 
 
 def zygote() -> int:

@@ -205,6 +205,8 @@ def softmax_focal_fwd(input, target, weight, loss_scale, gamma: float, ignore_in
     # full tile spilled a few bytes on sm_90 for bfloat16 segmentation; .ci/check_triton.py).
     block_rows = min(max(1, block_rows // 2), k)
     tiles_per_block = k // block_rows
+    if blocks_per_n == 1:  # one block per n, of rows_d <= k rows: launch only its real tiles
+        tiles_per_block = min(tiles_per_block, triton.cdiv(rows_d, block_rows))
     grid = _check_grid((rows_n * blocks_per_n * tiles_per_block,), "softmax_focal_loss")
     # REDUCE: one sum per tile, added per block below (in tile order: deterministic).
     out = torch.empty((grid[0],), dtype=acc, device=input.device) if reduce else loss
