@@ -44,6 +44,17 @@ DEFAULT_TOL = {
     "bf16": {"loss": 2e-2, "grad": 2e-2},
     "fp16": {"loss": 5e-3, "grad": 5e-3},
 }
+# Peers (torch eager, torch.compile, ...) that round every intermediate to a half dtype may be this
+# many times further from the target than fusedloss, which computes in fp32: a composite sigmoid
+# focal loss in bf16 is 2.2e-2 off in its gradient. A semantic mismatch is still O(1).
+PEER_HALF_TOL_FACTOR = 4.0
+
+
+def provider_tol(case, provider: str) -> dict:
+    """The check tolerance for one provider of a case."""
+    if provider.startswith(FUSED) or case.dtype not in ("bf16", "fp16"):
+        return dict(case.tol)
+    return {k: v * PEER_HALF_TOL_FACTOR for k, v in case.tol.items()}
 
 
 def torch_dtype(name: str):
@@ -617,7 +628,9 @@ def format_table(case: Case, thp: str, rows: list, machine: dict | None, device:
     if tgt:
         lines.append(f"   check: against {tgt!r} (its result on the same inputs, computed once "
                      f"per case); loss rel. err <= {tol.get('loss'):.0e}, "
-                     f"grads max|d|/max|ref| <= {tol.get('grad'):.0e}")
+                     f"grads max|d|/max|ref| <= {tol.get('grad'):.0e}"
+                     + (f" (peers other than fusedloss: {PEER_HALF_TOL_FACTOR:g}x, they round "
+                        "every step to the half dtype)" if case.dtype in ("bf16", "fp16") else ""))
     else:
         lines.append("   check: no check target ran (reference and torch eager both unavailable)")
     for n in case.notes:

@@ -307,7 +307,7 @@ def _check(H, runner, case, provider, target_path, meta_path) -> dict:
         with open(meta_path) as f:
             meta = json.load(f)
         ref = torch.load(target_path)
-        c = H.check_outputs(out, ref, case.tol)
+        c = H.check_outputs(out, ref, H.provider_tol(case, provider))
         c["target"] = meta["provider"]
         return c
     if provider in case.check_order:
