@@ -1,0 +1,45 @@
+// Dice / Tversky / Dice+CE per-position math, shared by csrc/cpu/dice_kernel.cpp and
+// csrc/cuda/dice.cu (kernels/dice.py mirrors it). The device ops compute only the per-(n, c) sums
+// of docs/KERNELS.md ("dice"); the loss is a function of those sums, taken in Python, whose
+// autograd gives the upstream gradient of each sum: gS[n, c, k] for k in DiceSum.
+//
+// Softmax mode, one non-ignored position (n, d) with class y, p = softmax(z) over C:
+//   I[c] += p_c [c == y]      P[c] += p_c (p_c^2 with squared_pred)     G[y] += 1
+//   NLL[y] += lse - z_y (with_ce)             SM[c] += lse - z_c (with_smoothing)
+// Gradient of sum_{c,k} gS[c, k] S[c, k] with respect to z_j, u_c = dL/dp_c:
+//   u_c  = gI[c] [c == y] + gP[c] (2 p_c with squared_pred, else 1)
+//   dz_j = p_j (u_j - sum_c p_c u_c) + gNLL[y] (p_j - [j == y]) + (p_j sum_c gSM[c] - gSM[j])
+// Sigmoid mode, element (n, c, d) with float target g, p = sigmoid(z):
+//   I += p g    P += p (p^2)    G += g (g^2)
+//   dz = p (1 - p) (gI g + gP (2 p or 1)),  p (1 - p) = sigmoid(z) sigmoid(-z)
+#pragma once
+
+#include "common.h"
+
+namespace fusedloss {
+namespace dice {
+
+// Index of each sum in the last dimension of the (N, C, kSums) sums tensor.
+enum DiceSum : int { kI = 0, kP = 1, kG = 2, kNLL = 3, kSM = 4, kSums = 5 };
+
+// u_c of the softmax gradient for class c at a position whose class is y.
+template <typename T>
+FL_HOST_DEVICE T softmax_u(T p, bool is_target, T gI, T gP, bool squared_pred) {
+  return (is_target ? gI : T(0)) + gP * (squared_pred ? T(2) * p : T(1));
+}
+
+// dz_j of a softmax position: s = sum_c p_c u_c, sum_gsm = sum_c gSM[c] (0 without smoothing),
+// g_nll = gNLL[y] (0 without CE), g_sm = gSM[j].
+template <typename T>
+FL_HOST_DEVICE T softmax_grad(T p, T u, T s, bool is_target, T g_nll, T sum_gsm, T g_sm) {
+  return p * (u - s) + g_nll * (p - (is_target ? T(1) : T(0))) + (p * sum_gsm - g_sm);
+}
+
+// dz of a sigmoid element: p = sigmoid(z), q = sigmoid(-z) = 1 - p without cancellation.
+template <typename T>
+FL_HOST_DEVICE T sigmoid_grad(T p, T q, T g, T gI, T gP, bool squared_pred) {
+  return p * q * (gI * g + gP * (squared_pred ? T(2) * p : T(1)));
+}
+
+}  // namespace dice
+}  // namespace fusedloss
