@@ -20,8 +20,18 @@ import tempfile
 import time
 
 from bench import _harness as H
+from bench import _report as R
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _version() -> str:
+    try:
+        import fusedloss
+
+        return fusedloss.__version__
+    except Exception:
+        return "unknown"
 
 
 def _cuda_available() -> bool:
@@ -33,13 +43,27 @@ def _cuda_available() -> bool:
         return False
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where the help text does not already say it."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default in (None, False, argparse.SUPPRESS):
+            return h
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m bench",
         description="Benchmark fusedloss against torch eager, torch.compile, the reference and "
                     "peers: time (median of repeats) and peak extra memory, checked against the "
                     "reference.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
+        epilog="Without --full, --quick, --only or --loss, a CPU run takes each loss's headline "
+               "cases (DEFAULT_CASES in bench/bench_<loss>.py; about 5 minutes) and says what it "
+               "left out; --full runs every case under both allocator settings (over 30 minutes "
+               "on 2 cores).",
     )
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
                     help="default: cuda if available, else cpu")
@@ -47,6 +71,14 @@ def parse_args(argv=None):
                     help="smoke run (<1 min on CPU): small shapes, 3 repeats, default allocator")
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results"),
                     help="directory for the JSON and PNG")
+    ap.add_argument("--full", action="store_true",
+                    help="every case of every loss, both allocator settings on CPU (default: on "
+                         "CPU, each loss's headline cases only, default allocator)")
+    ap.add_argument("--loss", default=None,
+                    help="comma-separated loss names to run (cross_entropy, linear_cross_entropy, "
+                         "sigmoid_focal, softmax_focal, bce, tv, dice), every case of each")
+    ap.add_argument("--compare", default=None, metavar="OLD.json",
+                    help="after the run, print what got faster or slower than in OLD.json")
     ap.add_argument("--only", default=None,
                     help="comma-separated: a loss name (cross_entropy, linear_cross_entropy) or a "
                          "substring of case names (e.g. 128256, bf16, fwdbwd)")
@@ -106,8 +138,15 @@ def parse_args(argv=None):
     args.warmup = max(1, args.warmup)
     if args.max_time is None:
         args.max_time = 2.0 if args.quick else (15.0 if cpu else 10.0)
+    args.headline = (cpu and not (args.full or args.quick or args.only or args.loss
+                                  or args.list))
     if args.thp is None:
-        args.thp = "default" if args.quick else "both"
+        args.thp = "both" if (args.full or args.only or args.loss) and not args.quick \
+            else "default"
+    if args.loss is not None:
+        bad = [x for x in args.loss.split(",") if x.strip() not in _LOSSES()]
+        if bad:
+            ap.error(f"--loss: unknown loss(es) {', '.join(bad)}; known: {', '.join(_LOSSES())}")
     if args.dtype is not None:
         if args.dtype.lower() not in H.DTYPE_ALIASES:
             ap.error(f"--dtype: unknown dtype {args.dtype!r}")
@@ -121,8 +160,19 @@ def select_cases(args):
     cases, skipped = [], []
     only = [s.strip() for s in args.only.split(",")] if args.only else None
     provs = [s.strip() for s in args.providers.split(",")] if args.providers else None
+    losses = [s.strip() for s in args.loss.split(",")] if args.loss else None
+    left_out = []
     for mod in H.loss_modules():
-        for c in mod.cases(args.device, args.quick, args.dtype):
+        if losses and mod.LOSS not in losses:
+            continue
+        mcases = mod.cases(args.device, args.quick, args.dtype)
+        headline = getattr(mod, "DEFAULT_CASES", None)
+        if headline is None:  # a loss module without its own list: its first fwd+bwd case
+            headline = [next((c.name for c in mcases if c.mode == "fwdbwd"), mcases[0].name)]
+        for c in mcases:
+            if args.headline and c.name not in headline:
+                left_out.append(c.name)
+                continue
             if only and not any(o == c.loss or (o not in _LOSSES() and o in c.name) for o in only):
                 continue
             if args.quick:
@@ -138,6 +188,7 @@ def select_cases(args):
                 skipped.append(c)
                 continue
             cases.append(c)
+    args.left_out = left_out
     return cases, skipped
 
 
@@ -562,7 +613,21 @@ def main(argv=None) -> int:
             except Exception as e:  # a plot failure should not hide the numbers
                 print(f"warning: plot failed: {H.short_error(e)}", file=sys.stderr)
                 png_path = None
-        print(f"wrote {json_path}" + (f" and {png_path}" if png_path and not args.no_plot else ""))
+        csv_path = os.path.join(args.out, f"bench_{suffix}.csv")
+        R.write_csv(csv_path, cases, results, (machine or {}).get("name") or args.device,
+                    _version())
+        print(R.summary(cases, results, machine) + "\n")
+        if args.compare:
+            try:
+                print(R.compare(args.compare, results) + "\n")
+            except (OSError, ValueError, KeyError) as e:
+                print(f"warning: --compare {args.compare}: {H.short_error(e)}", file=sys.stderr)
+        if getattr(args, "left_out", None):
+            print(f"left out {len(args.left_out)} cases of the full run (--full runs them, over "
+                  f"30 minutes here; --loss NAME or --only CASE picks some): "
+                  + ", ".join(args.left_out))
+        print(f"wrote {json_path}, {csv_path}"
+              + (f" and {png_path}" if png_path and not args.no_plot else ""))
         for r in errors:
             print(f"provider error: {r['case']} [{r['thp']}] {r['provider']}: {r.get('reason')}")
         for r in failed:

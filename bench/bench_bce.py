@@ -24,6 +24,7 @@ CHECK_ORDER = ["reference", "torch eager"]
 
 FULL = [((64, 1, 512, 512), "fp32"), ((64, 1, 512, 512), "bf16")]
 QUICK = [((4, 1, 128, 128), "fp32"), ((4, 1, 128, 128), "bf16")]
+DEFAULT_CASES = ("bce_64x1x512x512_fp32_fwdbwd",)  # python -m bench without --full
 
 
 def cases(device: str, quick: bool, dtype: str | None = None) -> list:

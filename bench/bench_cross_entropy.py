@@ -38,6 +38,8 @@ SMALL = [(64, 10, "fp32"), (32, 100, "fp32"), (256, 1000, "fp32")]
 # is the fixed cost of a call (argument checks, dispatch, autograd node, reduction).
 OVERHEAD = [(1, 2, "fp32")]
 QUICK = [(1024, 8192, "fp32"), (64, 10, "fp32")]
+# The default run (python -m bench without --full).
+DEFAULT_CASES = ("ce_256x1000_fp32_fwdbwd", "ce_4096x32000_fp32_fwdbwd")
 
 
 def _case(n: int, v: int, dtype: str, mode: str) -> Case:

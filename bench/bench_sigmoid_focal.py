@@ -26,7 +26,9 @@ PROVIDERS = {
 
 CHECK_ORDER = ["reference", "torch eager"]
 
-FULL = [((16, 100000, 80), "fp32"), ((16, 100000, 80), "bf16")]
+FULL = [((16, 100000, 80), "fp32"), ((16, 100000, 80), "bf16"), ((4, 20000, 80), "fp32")]
+# The default run (python -m bench without --full): a few seconds per provider.
+DEFAULT_CASES = ("sfl_4x20000x80_fp32_fwdbwd",)
 QUICK = [((2, 4000, 80), "fp32"), ((2, 4000, 80), "bf16")]
 
 

@@ -39,6 +39,7 @@ CHECK_ORDER = ["reference", "torch eager"]
 FULL = [(8, 19, (512, 512), "fp32"), (8, 19, (512, 512), "bf16"),
         (2, 4, (96, 96, 96), "fp32"), (2, 4, (96, 96, 96), "bf16")]
 QUICK = [(2, 5, (64, 64), "fp32")]
+DEFAULT_CASES = ("sfocal_8x19x512x512_fp32_fwdbwd",)  # python -m bench without --full
 
 
 def _case(n: int, c: int, spatial: tuple, dtype: str, mode: str) -> Case:

@@ -36,6 +36,7 @@ EPS = {"l1": 0.0, "l2_squared": 0.0, "isotropic": 1e-6}
 FULL = [((16, 3, 512, 512), norm, dt) for norm in NORMS for dt in ("fp32", "bf16")] + \
        [((1, 3, 2160, 3840), norm, dt) for norm in NORMS for dt in ("fp32", "bf16")]
 QUICK = [((4, 3, 128, 160), "l1", "fp32"), ((2, 3, 64, 96), "isotropic", "bf16")]
+DEFAULT_CASES = ("tv_16x3x512x512_isotropic_fp32_fwdbwd",)  # python -m bench without --full
 
 
 def _case(shape, norm: str, dtype: str, mode: str) -> Case:
