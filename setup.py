@@ -7,6 +7,9 @@
 Environment:
     FUSEDLOSS_BUILD_EXT=0   pure-Python install, no extension (fusedloss falls back to reference)
     MAX_JOBS=n              parallel compile jobs (torch's ninja backend)
+    FUSEDLOSS_SANITIZE=address   build the CPU code with AddressSanitizer (-O1 -g; CI's ASan step,
+                            .ci/asan.sh; run Python with libasan preloaded)
+    FUSEDLOSS_ISAS=DEFAULT,AVX512   compile the CPU kernels for these instruction sets only
 
 Sources of fusedloss._C:
     csrc/registration.cpp            op schemas (TORCH_LIBRARY)
@@ -57,6 +60,10 @@ def _want_ext() -> bool:
 
 def _isa_list() -> list[str]:
     """Instruction sets to compile the CPU kernels for (x86-64 only; elsewhere the DEFAULT copy)."""
+    only = os.environ.get("FUSEDLOSS_ISAS", "").strip()
+    if only:
+        isas = [x.strip().upper() for x in only.split(",") if x.strip()]
+        return ["DEFAULT"] + [x for x in isas if x != "DEFAULT"]
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64", "x64", "i686", "x86"):
         return ["DEFAULT", "AVX2", "AVX512"]
@@ -93,6 +100,11 @@ def _extension_and_cmdclass():
         cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function",
                "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
         link = ["-fopenmp"]
+        sanitize = os.environ.get("FUSEDLOSS_SANITIZE", "").strip()
+        if sanitize:
+            cxx = [f if f != "-O3" else "-O1" for f in cxx] + [
+                f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+            link += [f"-fsanitize={sanitize}"]
     # Tell the bindings which kernel copies exist.
     cxx += [f"-DFUSEDLOSS_HAVE_{isa}" for isa in isas]
 

@@ -21,7 +21,14 @@ error: str | None = None
 try:
     from . import _C  # type: ignore[attr-defined, no-redef]
 except ImportError as e:  # not built, or built against another torch
-    error = f"fusedloss._C could not be imported ({e}); {BUILD_HINT}"
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        # Not built at all. Python's own message ("cannot import name '_C' from partially
+        # initialized module ... circular import") reads like a bug in fusedloss.
+        error = f"fusedloss._C is not built; {BUILD_HINT}"
+    else:
+        error = f"fusedloss._C could not be imported ({e}); {BUILD_HINT}"
     if os.environ.get("FUSEDLOSS_REQUIRE_EXT", "0") not in ("", "0"):
         raise ImportError(f"FUSEDLOSS_REQUIRE_EXT is set but {error}") from e
 

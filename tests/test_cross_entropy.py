@@ -432,6 +432,7 @@ def test_reference_backend_and_env_override(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.bigmem  # 4 GiB of bf16 logits, their gradient and torch's check: ~13 GB at the peak
 def test_more_than_2_pow_31_elements_bf16():
     """pytorch#111484 / Liger: N x V > 2**31 must not overflow a 32-bit offset. CPU backend (the
     interpreter is too slow at this size); zero rows have loss log(C) exactly and the last row is

@@ -153,3 +153,18 @@ def test_bad_input(op, name, backend):
     if "backend" not in bad.kwargs:  # the spec raises the same error
         with pytest.raises(bad.exc, match=bad.match):
             op.reference(*bad.args, **bad.kwargs)
+
+
+@pytest.mark.parametrize("op, name, backend", _params(lambda op: op.samples("cpu")))
+def test_deterministic(op, name, backend):
+    """The same inputs (and thread count) give bitwise-equal losses and gradients twice: block
+    partitions and summation orders depend on the shape only."""
+    s = _sample(op.samples(FUSED[backend]), name)
+    kw = {**s.kwargs, "backend": backend}
+    a, ga = loss_and_grads(op.fused, s.args, kw, s.grad_args)
+    b, gb = loss_and_grads(op.fused, s.args, kw, s.grad_args)
+    assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(
+        a.nan_to_num(), b.nan_to_num()), f"{name}: loss differs between two calls"
+    for x, y in zip(ga, gb):
+        if x is not None:
+            assert torch.equal(x.nan_to_num(), y.nan_to_num()), f"{name}: gradient differs"
