@@ -19,10 +19,17 @@ import sys
 import tempfile
 import time
 
-from bench import _harness as H
-from bench import _report as R
+from . import _harness as H
+from . import _report as R
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Results go to bench/results in a checkout; installed (python -m fusedloss.bench, or the
+# fusedloss-bench command) to ./bench-results in the current directory.
+IN_CHECKOUT = os.path.exists(os.path.join(REPO, "pyproject.toml"))
+DEFAULT_OUT = (os.path.join(REPO, "bench", "results") if IN_CHECKOUT
+               else os.path.join(os.getcwd(), "bench-results"))
+WORKER = [sys.executable, "-m", f"{__package__}._worker"]
+WORKER_CWD = REPO if IN_CHECKOUT else None
 
 
 def _version() -> str:
@@ -55,7 +62,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
-        prog="python -m bench",
+        prog=f"python -m {__package__}",
         description="Benchmark fusedloss against torch eager, torch.compile, the reference and "
                     "peers: time (median of repeats) and peak extra memory, checked against the "
                     "reference.",
@@ -69,7 +76,7 @@ def parse_args(argv=None):
                     help="default: cuda if available, else cpu")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run (<1 min on CPU): small shapes, 3 repeats, default allocator")
-    ap.add_argument("--out", default=os.path.join(REPO, "bench", "results"),
+    ap.add_argument("--out", default=DEFAULT_OUT,
                     help="directory for the JSON and PNG")
     ap.add_argument("--full", action="store_true",
                     help="every case of every loss, both allocator settings on CPU (default: on "
@@ -212,7 +219,9 @@ class Runner:
         env.pop("THP_MEM_ALLOC_ENABLE", None)
         if thp == "on":
             env["THP_MEM_ALLOC_ENABLE"] = "1"
-        env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if IN_CHECKOUT:
+            env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"]
+                                        if env.get("PYTHONPATH") else "")
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
@@ -239,7 +248,7 @@ class Runner:
                 print(f"warning: fork server died ({e}); using one process per worker",
                       file=sys.stderr)
         try:
-            p = subprocess.run([sys.executable, "-m", "bench._worker", spec_path], cwd=REPO,
+            p = subprocess.run(WORKER + [spec_path], cwd=WORKER_CWD,
                                env=self.env(thp), capture_output=True, text=True, timeout=timeout)
             rc, err = p.returncode, (p.stderr or "") + (p.stdout or "")
         except subprocess.TimeoutExpired as e:
@@ -364,7 +373,7 @@ class Zygote:
 
     def __init__(self, env: dict, log_path: str):
         self.log = open(log_path, "w")
-        self.p = subprocess.Popen([sys.executable, "-m", "bench._worker", "--zygote"], cwd=REPO,
+        self.p = subprocess.Popen(WORKER + ["--zygote"], cwd=WORKER_CWD,
                                   env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=self.log)
         self.buf = b""

@@ -176,17 +176,16 @@ def short_error(e: BaseException, limit: int = 300) -> str:
 
 def loss_modules() -> list:
     """Every ``bench/bench_*.py``, imported, in file-name order, cross_entropy first."""
-    import bench
-
+    pkg = importlib.import_module(__package__)  # "bench" in a checkout, "fusedloss.bench" installed
     names = sorted(
-        m.name for m in pkgutil.iter_modules(bench.__path__) if m.name.startswith("bench_")
+        m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith("bench_")
     )
     names.sort(key=lambda n: (n != "bench_cross_entropy", n))
-    return [importlib.import_module(f"bench.{n}") for n in names]
+    return [importlib.import_module(f"{__package__}.{n}") for n in names]
 
 
 def module_for_loss(loss: str):
-    return importlib.import_module(f"bench.bench_{loss}")
+    return importlib.import_module(f"{__package__}.bench_{loss}")
 
 
 # --------------------------------------------------------------------------------------------------

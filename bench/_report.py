@@ -8,7 +8,7 @@ import datetime
 import json
 import statistics
 
-from bench import _harness as H
+from . import _harness as H
 
 # The providers the summary sets fusedloss against, in column order (absent ones are skipped).
 PEERS = ("torch.compile", "torch eager", "torch chunked", "liger", "quack", "monai", "kornia",

@@ -50,7 +50,7 @@ def _git_commit() -> str | None:
 def probe(spec: dict) -> dict:
     import torch
 
-    from bench import _harness as H
+    from . import _harness as H
 
     device = spec["device"]
     if spec.get("threads"):
@@ -127,7 +127,7 @@ def _job(spec: dict):
     """What every run job starts with: threads, the case, its loss module, options and inputs."""
     import torch
 
-    from bench import _harness as H
+    from . import _harness as H
 
     device = spec["device"]
     if spec.get("threads"):
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
     if spec.get("mmap_threshold"):
         fixed_mmap_threshold(spec["mmap_threshold"])
     if spec.get("mode") == "probe":
-        from bench import _harness as H
+        from . import _harness as H
 
         H.dump_json(spec["result_path"], probe(spec))
         return 0
@@ -371,7 +371,7 @@ def zygote() -> int:
     os.dup2(null, 1)  # stray prints from the imports below must not reach the protocol pipe
     import torch  # noqa: F401
 
-    from bench import _harness as H
+    from . import _harness as H
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -3,9 +3,9 @@ targets, 'mean' loss, fwd and fwd+bwd (the runner and inputs of bench_sigmoid_fo
 
 from __future__ import annotations
 
-from bench import _harness as H
-from bench._harness import Case, Provider, ProviderUnavailable, Runner
-from bench.bench_sigmoid_focal import EwRunner, ew_case, ew_inputs
+from . import _harness as H
+from ._harness import Case, Provider, ProviderUnavailable, Runner
+from .bench_sigmoid_focal import EwRunner, ew_case, ew_inputs
 
 LOSS = "bce"
 

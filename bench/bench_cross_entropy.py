@@ -8,8 +8,8 @@ fwdbwd  loss = provider(logits, target); loss.backward() (upstream gradient 1), 
 
 from __future__ import annotations
 
-from bench import _harness as H
-from bench._harness import Case, Provider, ProviderUnavailable, Runner
+from . import _harness as H
+from ._harness import Case, Provider, ProviderUnavailable, Runner
 
 LOSS = "cross_entropy"
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 
-from bench import _harness as H
-from bench._harness import Case, Provider, ProviderUnavailable, Runner
+from . import _harness as H
+from ._harness import Case, Provider, ProviderUnavailable, Runner
 
 LOSS = "linear_cross_entropy"
 

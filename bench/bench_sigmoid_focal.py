@@ -8,8 +8,8 @@ fwdbwd  loss = provider(logits, target); loss.backward(), logits a fresh non-lea
 
 from __future__ import annotations
 
-from bench import _harness as H
-from bench._harness import Case, Provider, ProviderUnavailable, Runner
+from . import _harness as H
+from ._harness import Case, Provider, ProviderUnavailable, Runner
 
 LOSS = "sigmoid_focal"
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 
-from bench import _harness as H
-from bench._harness import Case, Provider, ProviderUnavailable, Runner
+from . import _harness as H
+from ._harness import Case, Provider, ProviderUnavailable, Runner
 
 LOSS = "softmax_focal"
 GAMMA = 2.0

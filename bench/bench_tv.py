@@ -13,8 +13,8 @@ bottom-right pixel always has one), which fusedloss defines as 0 but eager autog
 
 from __future__ import annotations
 
-from bench import _harness as H
-from bench._harness import Case, Provider, ProviderUnavailable, Runner
+from . import _harness as H
+from ._harness import Case, Provider, ProviderUnavailable, Runner
 
 LOSS = "tv"
 
