@@ -84,6 +84,10 @@ def parse_args(argv=None):
     ap.add_argument("--loss", default=None,
                     help="comma-separated loss names to run (cross_entropy, linear_cross_entropy, "
                          "sigmoid_focal, softmax_focal, bce, tv, dice), every case of each")
+    ap.add_argument("--sweep", choices=["V", "size"], default=None,
+                    help="fwd+bwd over a series of sizes instead of the cases: vocabulary (V: "
+                         "cross-entropy) or input size (size: the other losses); one plot per "
+                         "loss of time and memory against the size (with --loss to pick)")
     ap.add_argument("--compare", default=None, metavar="OLD.json",
                     help="after the run, print what got faster or slower than in OLD.json")
     ap.add_argument("--only", default=None,
@@ -146,7 +150,7 @@ def parse_args(argv=None):
     if args.max_time is None:
         args.max_time = 2.0 if args.quick else (15.0 if cpu else 10.0)
     args.headline = (cpu and not (args.full or args.quick or args.only or args.loss
-                                  or args.list))
+                                  or args.list or args.sweep))
     if args.thp is None:
         args.thp = "both" if (args.full or args.only or args.loss) and not args.quick \
             else "default"
@@ -172,7 +176,13 @@ def select_cases(args):
     for mod in H.loss_modules():
         if losses and mod.LOSS not in losses:
             continue
-        mcases = mod.cases(args.device, args.quick, args.dtype)
+        if args.sweep:
+            mcases = getattr(mod, "sweep_cases", lambda *a: [])(args.device, args.sweep,
+                                                                  args.dtype)
+            if not mcases:
+                continue
+        else:
+            mcases = mod.cases(args.device, args.quick, args.dtype)
         headline = getattr(mod, "DEFAULT_CASES", None)
         if headline is None:  # a loss module without its own list: its first fwd+bwd case
             headline = [next((c.name for c in mcases if c.mode == "fwdbwd"), mcases[0].name)]
@@ -601,7 +611,8 @@ def main(argv=None) -> int:
         failed = [r for r in results
                   if r.get("status") == "ok" and r.get("check", {}).get("pass") is False]
         errors = [r for r in results if r.get("status") == "error"]
-        suffix = f"{args.device}{'_quick' if args.quick else ''}{'_busy' if args.busy else ''}"
+        suffix = (f"{args.device}{'_quick' if args.quick else ''}"
+                  f"{'_sweep_' + args.sweep if args.sweep else ''}{'_busy' if args.busy else ''}")
         json_path = os.path.join(args.out, f"bench_{suffix}.json")
         png_path = os.path.join(args.out, f"bench_{suffix}.png")
         H.dump_json(json_path, {
@@ -618,7 +629,13 @@ def main(argv=None) -> int:
         })
         if not args.no_plot:
             try:
-                H.write_plot(png_path, cases, results, args.device)
+                pngs = []
+                for loss in dict.fromkeys(c.loss for c in cases):
+                    lc = [c for c in cases if c.loss == loss]
+                    pngs.append(png_path.replace(".png", f"_{loss}.png"))
+                    (R.write_sweep_plot if args.sweep else H.write_plot)(
+                        pngs[-1], lc, results, args.device)
+                png_path = ", ".join(pngs)
             except Exception as e:  # a plot failure should not hide the numbers
                 print(f"warning: plot failed: {H.short_error(e)}", file=sys.stderr)
                 png_path = None

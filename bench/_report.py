@@ -143,3 +143,53 @@ def compare(old_path, results) -> str:
     if not n:
         lines.append("   no case of this run is in that file")
     return "\n".join(lines)
+
+
+def write_sweep_plot(path, cases, results, device) -> None:
+    """Time and extra memory of each provider against the swept size (vocabulary, or the logits'
+    MiB), log-log, one figure per loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not cases:
+        return
+    by_v = "V" in (cases[0].dims or {})
+
+    def xval(c):
+        return c.dims["V"] if by_v else c.logits_bytes / 2**20
+
+    provs = list(dict.fromkeys(p for c in cases for p in c.providers))
+    thp = next((t for t in ("default", "n/a", "on") if any(r["thp"] == t for r in results)), None)
+    results = [r for r in results if r["thp"] == thp]  # one allocator setting per line
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for p in provs:
+        pts = []
+        for c in cases:
+            r = next((r for r in results if r["case"] == c.name and r["provider"] == p
+                      and _ok(r)), None)
+            if r is not None:
+                pts.append((xval(c), r["median_ms"], r.get("extra_bytes")))
+        if not pts:
+            continue
+        xs = [x for x, _, _ in pts]
+        axes[0].plot(xs, [t for _, t, _ in pts], marker="o", label=p)
+        mem = [(x, m / 2**20) for x, _, m in pts if m is not None]
+        if mem:
+            axes[1].plot([x for x, _ in mem], [m for _, m in mem], marker="o", label=p)
+    xs = [xval(c) for c in cases]
+    axes[1].plot(xs, [c.logits_bytes / 2**20 for c in cases], color="gray", ls="--", lw=0.8,
+                 label="logits size")
+    xlabel = "vocabulary size V" if by_v else "logits (MiB)"
+    for ax, title in zip(axes, ("median fwd+bwd time (ms)", "extra memory (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"{cases[0].loss}: {title}", fontsize=10)
+        ax.grid(True, which="both", lw=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"fusedloss sweep on {device}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -57,3 +57,11 @@ def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict
 
 
 __all__ = ["LOSS", "PROVIDERS", "cases", "make_inputs", "make_runner"]
+
+
+def sweep_cases(device: str, kind: str, dtype: str | None = None) -> list:
+    """--sweep size: fwd+bwd over image sizes."""
+    if kind != "size":
+        return []
+    return [ew_case(LOSS, "bce", (16, 1, s, s), dtype or "fp32", "fwdbwd", PROVIDERS,
+                    "BCE with logits,") for s in (64, 128, 256, 512, 1024)]

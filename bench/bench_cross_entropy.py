@@ -164,3 +164,12 @@ def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict
     else:
         raise ProviderUnavailable(f"unknown provider {provider!r}")
     return CERunner(fn, inputs, case.mode)
+
+
+def sweep_cases(device: str, kind: str, dtype: str | None = None) -> list:
+    """--sweep V: fwd+bwd over vocabulary sizes at a fixed number of rows."""
+    if kind != "V":
+        return []
+    n = 1024 if device == "cpu" else 4096
+    return [_case(n, v, dtype or "fp32", "fwdbwd")
+            for v in (1024, 4096, 16384, 32000, 65536, 128256)]

@@ -150,3 +150,11 @@ def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict
     else:
         raise ProviderUnavailable(f"unknown provider {provider!r}")
     return EwRunner(fn, inputs, case.mode)
+
+
+def sweep_cases(device: str, kind: str, dtype: str | None = None) -> list:
+    """--sweep size: fwd+bwd over the number of anchors (80 classes)."""
+    if kind != "size":
+        return []
+    return [ew_case(LOSS, "sfl", (4, a, 80), dtype or "fp32", "fwdbwd", PROVIDERS,
+                    "sigmoid focal, alpha 0.25, gamma 2,") for a in (1000, 5000, 20000, 100000)]

@@ -157,3 +157,10 @@ def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict
     else:
         raise ProviderUnavailable(f"unknown provider {provider!r}")
     return FocalRunner(fn, inputs, case.mode)
+
+
+def sweep_cases(device: str, kind: str, dtype: str | None = None) -> list:
+    """--sweep size: fwd+bwd over image sizes (19 classes)."""
+    if kind != "size":
+        return []
+    return [_case(4, 19, (s, s), dtype or "fp32", "fwdbwd") for s in (64, 128, 256, 512, 1024)]

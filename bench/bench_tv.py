@@ -163,3 +163,11 @@ def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict
     else:
         raise ProviderUnavailable(f"unknown provider {provider!r}")
     return TVRunner(fn, inputs, case.mode)
+
+
+def sweep_cases(device: str, kind: str, dtype: str | None = None) -> list:
+    """--sweep size: fwd+bwd of isotropic TV over image sizes."""
+    if kind != "size":
+        return []
+    return [_case((8, 3, s, s), "isotropic", dtype or "fp32", "fwdbwd")
+            for s in (64, 128, 256, 512, 1024, 2048)]
