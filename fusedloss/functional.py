@@ -240,7 +240,9 @@ def _empty_mean(total: Tensor, mean_factor: Tensor) -> Tensor:
 
 def _forward_ad_active(*tensors: Optional[Tensor]) -> bool:
     """Forward-mode AD (a dual tensor) or a torch.func transform (jvp, vmap, grad) is active."""
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    # Not peek_interpreter_stack(): dynamo keeps an interpreter on that stack while it traces, so
+    # under torch.compile every loss took the reference (a compiled graph of plain torch ops).
+    if torch._C._are_functorch_transforms_active():
         return True
     if _forward_ad._current_level < 0:  # no dual level entered: the common case, one compare
         return False

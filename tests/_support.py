@@ -329,9 +329,13 @@ def _lce_ops(device, backend):
     t = class_targets((6,), 10, device, ignore_frac=0.3)
     b = make((10,), device=device)
     op = torch.ops.fusedloss.linear_cross_entropy_fwd
+    bwd = torch.ops.fusedloss.linear_cross_entropy_bwd
+    up = make((6,), device=device)
     return [(op, (h.clone().requires_grad_(cg), w.clone().requires_grad_(cg), bias, t, None,
                   torch.tensor(0.25, device=device), -100, 0.1, 1e-3, 0.0, 4, cg, backend))
-            for cg in (False, True) for bias in (None, b)]
+            for cg in (False, True) for bias in (None, b)] + [
+        (bwd, (h, w, bias, t, None, None, up, -100, 0.0, 0.0, 0.0, 4, backend))
+        for bias in (None, b)]
 
 
 def _lce_gradcheck(device):

@@ -136,8 +136,20 @@ def test_compile_fullgraph(op, name, backend):
             args = (args[0] * 1.0,) + args[1:]
         return op.fused(*args, **{**s.kwargs, "backend": backend})
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    graphs = []
+
+    def capture(gm, example_inputs):  # dynamo's graph, then aot_eager as before
+        graphs.append(gm)
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(step, fullgraph=True, backend=capture)
     got, g_got = loss_and_grads(compiled, s.args, {}, s.grad_args)
+    # The fused op is in the graph: not the reference's plain torch ops (dynamo's tracing once
+    # looked like a torch.func transform and sent every compiled loss to the reference).
+    assert any("fusedloss" in str(node.target) for g in graphs for m in g.modules()
+               if isinstance(m, torch.fx.GraphModule) for node in m.graph.nodes), \
+        "the compiled graph does not call a fusedloss op"
     want, g_want = loss_and_grads(step, s.args, {}, s.grad_args)
     assert_close(got, want, torch.float32, "compiled loss")
     for a, b in zip(g_got, g_want):

@@ -149,6 +149,38 @@ def _(input, linear_weight, linear_bias, target, weight, loss_scale, ignore_inde
     return input.new_empty(n, dtype=acc), input.new_empty(n, dtype=acc), gi, gw, gb
 
 
+@torch.library.custom_op("fusedloss::linear_cross_entropy_bwd", mutates_args=())
+def linear_cross_entropy_bwd(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    loss_scale: Optional[Tensor],
+    upstream: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    chunk_size: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of reduction='none' (per-token upstream gradient): the forward recomputed
+    chunk by chunk with the gradients. An op of its own so that torch.compile sees one node, not
+    the data-dependent gather of the kept rows."""
+    _, _, gi, gw, gb = _run(input, linear_weight, linear_bias, target, weight, loss_scale,
+                            upstream, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
+                            True, backend)
+    return gi, gw, _or_empty(gb, input)
+
+
+@linear_cross_entropy_bwd.register_fake
+def _(input, linear_weight, linear_bias, target, weight, loss_scale, upstream, ignore_index,
+      label_smoothing, z_loss, softcap, chunk_size, backend):
+    gb = torch.empty_like(linear_bias) if linear_bias is not None else input.new_empty(0)
+    return torch.empty_like(input), torch.empty_like(linear_weight), gb
+
+
 def _setup_context(ctx, inputs, output):
     (input, linear_weight, linear_bias, target, weight, loss_scale, ignore_index, label_smoothing,
      z_loss, softcap, chunk_size, compute_grad, backend) = inputs
@@ -184,10 +216,11 @@ def _backward(ctx, grad_loss, grad_lse, gi, gw, gb):
         grad_bias = _scale_(grad_bias, grad_loss, backend) if ctx.has_bias else None
     else:
         input, linear_weight, linear_bias, target, weight, loss_scale = ctx.saved_tensors
-        _, _, grad_input, grad_weight, grad_bias = _run(
+        grad_input, grad_weight, grad_bias = linear_cross_entropy_bwd(
             input, linear_weight, linear_bias, target, weight, loss_scale,
             grad_loss.to(acc_dtype(input.dtype)).contiguous(), ignore_index, label_smoothing,
-            z_loss, softcap, chunk_size, True, backend)
+            z_loss, softcap, chunk_size, backend)
+        grad_bias = grad_bias if ctx.has_bias else None
     return (grad_input, grad_weight, grad_bias) + (None,) * 10
 
 
