@@ -526,6 +526,21 @@ def _dice_epilogue(sums: Tensor, weight: Optional[Tensor], include_background: b
     return loss if loss.dtype == dtype else loss.to(dtype)
 
 
+def _dice_backend(backend: str, input: Tensor, *others: Optional[Tensor]) -> Optional[str]:
+    """:func:`_fused_backend` for the Dice family, with the torch.func test that also holds under
+    torch.compile: ``_forward_ad_active``'s ``peek_interpreter_stack() is not None`` is True while
+    dynamo traces (it wraps the None in an object), which would send every compiled call to the
+    reference; ``_are_functorch_transforms_active()`` traces as the constant it is."""
+    name = _backend.resolve_for(backend, input, "dice")
+    if name == "reference" or torch._C._are_functorch_transforms_active():
+        return None
+    if _forward_ad._current_level >= 0 and any(
+            t is not None and _forward_ad.unpack_dual(t).tangent is not None
+            for t in (input,) + others):
+        return None
+    return name
+
+
 def _dice_reference(name: Optional[str], sigmoid: bool, target: Tensor) -> bool:
     """The reference runs the call: no fused backend, or (sigmoid mode) a target that wants a
     gradient (the fused kernels give the input's only)."""
@@ -562,7 +577,7 @@ def dice_loss(
     smooth_nr, smooth_dr, sigmoid = C.dice_loss_args(
         input, target, weight, ignore_index, reduction, include_background, squared_pred, batch,
         smooth_nr, smooth_dr, activation)
-    name = _fused_backend("dice", backend, input, target, weight)
+    name = _dice_backend(backend, input, target, weight)
     if _dice_reference(name, sigmoid, target):
         return reference.dice_loss(
             input, target, weight, ignore_index, reduction, include_background=include_background,
@@ -596,7 +611,7 @@ def tversky_loss(
     alpha, beta, smooth_nr, smooth_dr, sigmoid = C.tversky_loss_args(
         input, target, alpha, beta, weight, ignore_index, reduction, include_background, batch,
         smooth_nr, smooth_dr, activation)
-    name = _fused_backend("dice", backend, input, target, weight)
+    name = _dice_backend(backend, input, target, weight)
     if _dice_reference(name, sigmoid, target):
         return reference.tversky_loss(
             input, target, alpha, beta, weight, ignore_index, reduction,
@@ -633,7 +648,7 @@ def dice_ce_loss(
     smooth_nr, smooth_dr, lambda_dice, lambda_ce, label_smoothing = C.dice_ce_loss_args(
         input, target, weight, ignore_index, reduction, include_background, squared_pred, batch,
         smooth_nr, smooth_dr, activation, lambda_dice, lambda_ce, ce_weight, label_smoothing)
-    name = _fused_backend("dice", backend, input, target, weight, ce_weight)
+    name = _dice_backend(backend, input, target, weight, ce_weight)
     if name is None:
         return reference.dice_ce_loss(
             input, target, weight, ignore_index, reduction, include_background=include_background,
