@@ -476,9 +476,11 @@ def _dice_sums(name: str, input: Tensor, target: Tensor, ignore_index: int, sigm
     else:
         tgt = target.reshape(n, d)
     args = (tgt, int(ignore_index), sigmoid, squared_pred, with_ce, with_smoothing)
-    if (input.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # the custom ops, traced
         sums, _ = _dice_ops.dice_sums(x, *args, name)
-    else:  # an eval loss: the kernel without the custom op's dispatch
+    elif input.requires_grad and torch.is_grad_enabled():  # eager: no custom-op dispatch
+        sums = _dice_ops.DiceSumsEager.apply(x, *args, name)
+    else:  # an eval loss: the kernel alone
         sums, _ = _backend.kernels("dice", name).dice_fwd(x, *args)
     return sums
 

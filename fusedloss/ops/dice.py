@@ -102,6 +102,32 @@ def _backward(ctx, grad_sums, grad_lse):
 dice_sums.register_autograd(_backward, setup_context=_setup_context)
 
 
+class DiceSumsEager(torch.autograd.Function):
+    """:func:`dice_sums` and its autograd for eager calls, without the custom op's per-call
+    dispatch (two custom ops cost more than the small shapes' kernels); under torch.compile the
+    custom ops are traced instead. Same kernels, same backward."""
+
+    @staticmethod
+    def forward(ctx, input, target, ignore_index, sigmoid, squared_pred, with_ce, with_smoothing,
+                backend):
+        k = _backend.kernels("dice", backend)
+        sums, lse = k.dice_fwd(input, target, ignore_index, sigmoid, squared_pred, with_ce,
+                               with_smoothing)
+        ctx.kernels = k
+        ctx.flags = (ignore_index, sigmoid, squared_pred, with_ce, with_smoothing)
+        ctx.save_for_backward(input, target, lse)
+        return sums
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        check_first_order("dice_loss")
+        input, target, lse = ctx.saved_tensors
+        if not grad_sums.is_contiguous():
+            grad_sums = grad_sums.contiguous()
+        grad = ctx.kernels.dice_bwd(grad_sums, input, target, lse, *ctx.flags)
+        return (grad,) + (None,) * 7
+
+
 if _ext.available() and hasattr(torch.ops.fusedloss_C, "dice_fwd"):
     torch.library.register_fake("fusedloss_C::dice_fwd", _fwd_fake)
 if _ext.available() and hasattr(torch.ops.fusedloss_C, "dice_bwd"):
