@@ -280,7 +280,8 @@ def test_oracle_double_backward_is_refused(oracle):
         torch.autograd.grad(loss, x, create_graph=True)
 
 
-def test_oracle_forward_ad_runs_the_reference(oracle):
+def test_oracle_torch_func_runs_the_reference(oracle):
+    """Forward-mode AD and torch.func transforms have no rules in the fused ops: the reference."""
     x = make((2, 3, 7), torch.float64)
     t = class_targets((2, 7), 3)
     v = torch.randn_like(x)
@@ -288,6 +289,11 @@ def test_oracle_forward_ad_runs_the_reference(oracle):
     want = torch.func.jvp(lambda z: reference.dice_ce_loss(z, t), (x,), (v,))
     assert not oracle.calls
     torch.testing.assert_close(got, want)
+    g = torch.func.grad(lambda z: fusedloss.dice_loss(z, t, squared_pred=True, backend="cpu"))(x)
+    (want,) = torch.autograd.grad(reference.dice_loss(x.requires_grad_(), t, squared_pred=True),
+                                  x)
+    assert not oracle.calls
+    torch.testing.assert_close(g, want)
 
 
 def test_oracle_weight_gradient(oracle):
