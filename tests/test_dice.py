@@ -211,6 +211,23 @@ def test_oracle_opcheck(oracle):
             torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("flags", [(False, False, False, False), (False, True, True, True),
+                                   (True, False, False, False), (True, True, False, False)])
+def test_oracle_custom_op_gradcheck(oracle, flags):
+    """The custom ops' own autograd (what torch.compile traces; eager calls take
+    DiceSumsEager): d(sums)/d(input) through fusedloss::dice_sums_backward."""
+    sigmoid = flags[0]
+    x = make((2, 3, 6), torch.float64).requires_grad_()
+    t = (soft_targets((2, 3, 6)).double() if sigmoid
+         else class_targets((2, 6), 3, ignore_frac=0.2))
+
+    def f(z):
+        return torch.ops.fusedloss.dice_sums(z, t, -100, *flags, "cpu")[0]
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7)
+    assert any(c[0] == "bwd" for c in oracle.calls)
+
+
 @pytest.mark.parametrize("name", [s.name for s in _dice_compile("cpu")])
 def test_oracle_compile_fullgraph(oracle, name):
     torch._dynamo.reset()
