@@ -14,15 +14,19 @@ from ._backend import status as _status
 from .functional import (
     binary_cross_entropy_with_logits,
     cross_entropy,
+    dice_ce_loss,
+    dice_loss,
     linear_cross_entropy,
     sigmoid_focal_loss,
     softmax_focal_loss,
     total_variation,
+    tversky_loss,
 )
 
 __all__ = ["backends", "binary_cross_entropy_with_logits", "cross_entropy", "distributed",
            "linear_cross_entropy", "nn", "reference", "sigmoid_focal_loss", "softmax_focal_loss",
            "total_variation", "__version__"]
+__all__ += ["dice_loss", "tversky_loss", "dice_ce_loss"]
 
 
 def __getattr__(name: str):

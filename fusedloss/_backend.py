@@ -47,6 +47,11 @@ OPS = {
     "sigmoid_focal": ("sigmoid_focal_fwd", "sigmoid_focal"),
     "bce": ("bce_fwd", "bce"),
     "softmax_focal": ("softmax_focal_fwd", "softmax_focal"),
+    "dice": ("dice_fwd", "dice"),
+    # the public functions' names for fusedloss.backends()
+    "dice_loss": ("dice_fwd", "dice"),
+    "tversky_loss": ("dice_fwd", "dice"),
+    "dice_ce_loss": ("dice_fwd", "dice"),
 }
 
 

@@ -372,3 +372,109 @@ def cross_entropy_dtype(input, target, probs):
     return torch.promote_types(input.dtype, target.dtype) if probs else input.dtype
 
 
+
+
+# Dice / Tversky / Dice+CE -------------------------------------------------------------------
+
+DICE_ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def check_nonnegative_weight(weight, name="weight"):
+    """A class weight must be >= 0 (MONAI's rule). Its values are read only where that needs no
+    host sync: a CPU tensor outside torch.compile (the modules check theirs at construction)."""
+    if weight is None or not weight.is_cpu or torch.compiler.is_compiling():
+        return weight
+    if weight.numel() and not bool((weight >= 0).all()):
+        raise ValueError(f"{name} must be non-negative (and not NaN), got {weight.tolist()}")
+    return weight
+
+
+def _dice_common_args(input, target, weight, ignore_index, reduction, include_background,
+                      batch, smooth_nr, smooth_dr, activation):
+    """The arguments every Dice-family function shares; returns (smooth_nr, smooth_dr,
+    sigmoid: bool)."""
+    check_float_tensor(input, "input")
+    check_tensor(target, "target")
+    check_same_device(target, "target", input)
+    if input.dim() < 3:
+        raise ValueError("input must have shape (N, C, d1, ..., dk) with at least one spatial "
+                         f"dimension, got {tuple(input.shape)}")
+    if not isinstance(activation, str) or activation not in DICE_ACTIVATIONS:
+        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+    num_classes = input.shape[1]
+    sigmoid = activation == "sigmoid"
+    if sigmoid:
+        if num_classes < 1:
+            raise ValueError(f"input must have at least one channel, got {tuple(input.shape)}")
+        if not target.dtype.is_floating_point:
+            raise TypeError("target must be a floating tensor of the input's shape with "
+                            f"activation='sigmoid', got dtype {target.dtype}")
+        check_float_tensor(target, "target")
+        if target.shape != input.shape:
+            raise ValueError(f"target must have the input's shape {tuple(input.shape)} with "
+                             f"activation='sigmoid', got {tuple(target.shape)}")
+    else:
+        if num_classes < 2:
+            raise ValueError("input must have at least 2 classes for activation='softmax' (use "
+                             f"activation='sigmoid' for one channel), got {tuple(input.shape)}")
+        if target.dtype != torch.int64:
+            raise TypeError(f"target must be an int64 tensor of class indices with "
+                            f"activation='softmax', got dtype {target.dtype}")
+        expected = input.shape[:1] + input.shape[2:]
+        if target.shape != expected:
+            raise ValueError(f"target with class indices must have shape {tuple(expected)} for "
+                             f"input of shape {tuple(input.shape)}, got {tuple(target.shape)}")
+    check_int(ignore_index, "ignore_index")
+    check_reduction(reduction)
+    check_bool(include_background, "include_background")
+    check_bool(batch, "batch")
+    if not include_background and num_classes < 2:
+        raise ValueError("include_background=False drops class 0 and needs at least 2 channels, "
+                         f"got input of shape {tuple(input.shape)}")
+    smooth_nr = check_real(smooth_nr, "smooth_nr", low=0.0)
+    smooth_dr = check_real(smooth_dr, "smooth_dr", low=0.0)
+    check_class_weight(weight, num_classes, input)
+    check_nonnegative_weight(weight)
+    return smooth_nr, smooth_dr, sigmoid
+
+
+def dice_loss_args(input, target, weight, ignore_index, reduction, include_background,
+                   squared_pred, batch, smooth_nr, smooth_dr, activation):
+    """dice_loss's arguments; returns (smooth_nr, smooth_dr, sigmoid)."""
+    out = _dice_common_args(input, target, weight, ignore_index, reduction, include_background,
+                            batch, smooth_nr, smooth_dr, activation)
+    check_bool(squared_pred, "squared_pred")
+    return out
+
+
+def tversky_loss_args(input, target, alpha, beta, weight, ignore_index, reduction,
+                      include_background, batch, smooth_nr, smooth_dr, activation):
+    """tversky_loss's arguments; returns (alpha, beta, smooth_nr, smooth_dr, sigmoid)."""
+    out = _dice_common_args(input, target, weight, ignore_index, reduction, include_background,
+                            batch, smooth_nr, smooth_dr, activation)
+    alpha = check_real(alpha, "alpha", low=0.0)
+    beta = check_real(beta, "beta", low=0.0)
+    return (alpha, beta) + out
+
+
+def dice_ce_loss_args(input, target, weight, ignore_index, reduction, include_background,
+                      squared_pred, batch, smooth_nr, smooth_dr, activation, lambda_dice,
+                      lambda_ce, ce_weight, label_smoothing):
+    """dice_ce_loss's arguments; returns (smooth_nr, smooth_dr, lambda_dice, lambda_ce,
+    label_smoothing)."""
+    if isinstance(activation, str) and activation == "sigmoid":
+        raise ValueError("dice_ce_loss supports activation='softmax' only (MONAI's DiceCELoss "
+                         "uses BCE for a single channel; use dice_loss(activation='sigmoid') "
+                         "plus binary_cross_entropy_with_logits)")
+    if isinstance(reduction, str) and reduction == "none":
+        raise ValueError("reduction='none' is not supported by dice_ce_loss (the Dice term is "
+                         "per (n, c), the cross-entropy per position); use 'mean' or 'sum'")
+    smooth_nr, smooth_dr, _ = dice_loss_args(
+        input, target, weight, ignore_index, reduction, include_background, squared_pred, batch,
+        smooth_nr, smooth_dr, activation)
+    lambda_dice = check_real(lambda_dice, "lambda_dice", low=0.0)
+    lambda_ce = check_real(lambda_ce, "lambda_ce", low=0.0)
+    check_class_weight(ce_weight, input.shape[1], input, "ce_weight")
+    check_nonnegative_weight(ce_weight, "ce_weight")
+    label_smoothing = check_label_smoothing(label_smoothing)
+    return smooth_nr, smooth_dr, lambda_dice, lambda_ce, label_smoothing

@@ -16,6 +16,7 @@ from . import _backend, reference
 from . import _checks as C
 from .ops import bce as _bce_ops
 from .ops import cross_entropy as _ce_ops
+from .ops import dice as _dice_ops
 from .ops import linear_cross_entropy as _lce_ops
 from .ops import sigmoid_focal as _sigmoid_focal_ops
 from .ops import softmax_focal as _softmax_focal_ops
@@ -455,3 +456,196 @@ def softmax_focal_loss(
     else:
         loss, _ = _backend.kernels("softmax_focal", name).softmax_focal_fwd(x, *args, False)
     return _reduce_rows(loss, reduction, (n,) + spatial, mean_factor, n * d, input.dtype)
+
+
+# Dice / Tversky / Dice+CE: per-(n, c) sums from the device op, the loss in plain torch ------------
+
+__all__ += ["dice_loss", "tversky_loss", "dice_ce_loss"]
+
+
+def _dice_sums(name: str, input: Tensor, target: Tensor, ignore_index: int, sigmoid: bool,
+               squared_pred: bool, with_ce: bool, with_smoothing: bool) -> Tensor:
+    """The (N, C, 5) sums (I, P, G, NLL, SM; docs/KERNELS.md, "dice") of the canonical (N, C, D)
+    view of the logits (a view whenever the spatial dims merge: channels_last stays channels_last,
+    class stride 1, nothing copied)."""
+    n, c = input.shape[0], input.shape[1]
+    d = _numel(input.shape[2:])
+    x = input.reshape(n, c, d)
+    if sigmoid:
+        tgt = target.reshape(n, c, d)
+        if tgt.dtype != input.dtype:
+            tgt = tgt.to(input.dtype)
+    else:
+        tgt = target.reshape(n, d)
+    args = (tgt, int(ignore_index), sigmoid, squared_pred, with_ce, with_smoothing)
+    if torch.compiler.is_compiling():  # the custom ops, traced
+        sums, _ = _dice_ops.dice_sums(x, *args, name)
+    elif input.requires_grad and torch.is_grad_enabled():  # eager: no custom-op dispatch
+        sums = _dice_ops.DiceSumsEager.apply(x, *args, name)
+    else:  # an eval loss: the kernel alone
+        sums, _ = _backend.kernels("dice", name).dice_fwd(x, *args)
+    return sums
+
+
+def _dice_epilogue(sums: Tensor, weight: Optional[Tensor], include_background: bool, batch: bool,
+                   smooth_nr: float, smooth_dr: float, tversky: Optional[tuple], reduction: str,
+                   ce: Optional[tuple], dtype: torch.dtype) -> Tensor:
+    """The loss of every Dice-family function from the (N, C, 5) sums, in plain torch on those
+    small tensors (its autograd gives the sums' upstream gradient; no host sync).
+
+    ``tversky``: None (Dice) or (alpha, beta). ``ce``: None or (lambda_dice, lambda_ce,
+    ce_weight, label_smoothing): then ``lambda_dice * dice + lambda_ce * cross_entropy``, the
+    cross-entropy from the class sums (torch's weighted 'mean' and label-smoothing formula)::
+
+        'mean' = [(1 - ls) sum_c w_c NLL_c + (ls / C) sum_c w_c SM_c] / sum_c w_c G_c
+    """
+    acc = sums.dtype
+    total = sums.sum(0) if batch or ce is not None else None  # (C, 5): batch sums first
+    s = total if batch else sums
+    inter, pred, ground = s[..., 0], s[..., 1], s[..., 2]
+    if tversky is None:
+        f = 1.0 - (2.0 * inter + smooth_nr) / (pred + ground + smooth_dr)
+    else:
+        alpha, beta = tversky
+        f = 1.0 - (inter + smooth_nr) / (inter + alpha * (pred - inter)
+                                         + beta * (ground - inter) + smooth_dr)
+    if weight is not None:
+        f = f * weight.to(acc)
+    if not include_background:
+        f = f[..., 1:]
+    loss = f if reduction == "none" else f.mean() if reduction == "mean" else f.sum()
+    if ce is not None:
+        lambda_dice, lambda_ce, ce_weight, label_smoothing = ce
+        nll, count, smooth = total[:, 3], total[:, 2], total[:, 4]
+        if ce_weight is not None:
+            w = ce_weight.to(acc)
+            nll, count, smooth = nll * w, count * w, smooth * w
+        ce_loss = nll.sum()
+        if label_smoothing > 0:
+            ce_loss = ((1.0 - label_smoothing) * ce_loss
+                       + (label_smoothing / sums.shape[1]) * smooth.sum())
+        if reduction == "mean":
+            ce_loss = ce_loss / count.sum()  # 0/0 = NaN when every position is ignored (torch)
+        loss = lambda_dice * loss + lambda_ce * ce_loss
+    return loss if loss.dtype == dtype else loss.to(dtype)
+
+
+def _dice_reference(name: Optional[str], sigmoid: bool, target: Tensor) -> bool:
+    """The reference runs the call: no fused backend, or (sigmoid mode) a target that wants a
+    gradient (the fused kernels give the input's only)."""
+    return name is None or (sigmoid and target.requires_grad and torch.is_grad_enabled())
+
+
+def dice_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    *,
+    include_background: bool = True,
+    squared_pred: bool = False,
+    batch: bool = False,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    activation: str = "softmax",
+    backend: str = "auto",
+) -> Tensor:
+    """Dice loss from logits ``(N, C, d1, ..., dk)`` and int64 class indices ``(N, d1, ..., dk)``
+    without a one-hot tensor or a saved softmax: MONAI's ``DiceLoss(softmax=True,
+    to_onehot_y=True, ...)`` numbers (``fusedloss.reference.dice_loss`` states the formula).
+
+    Per ``(n, c)`` (per ``c`` with ``batch``), over positions whose target is not
+    ``ignore_index``: ``1 - (2 I + smooth_nr) / (P + G + smooth_dr)``. ``weight`` ``(C,)`` by
+    class id (``weight[0]`` unused without the background; MONAI takes ``C - 1`` values there);
+    ``reduction='none'``: ``(N, C')`` or ``(C',)`` with ``batch``. ``activation="sigmoid"``:
+    multi-label, float targets of the input's shape (converted to the input's dtype). Any strides
+    (channels_last read in place). One read of the logits in the forward (per-(n, c) sums and the
+    per-position logsumexp), one in the backward.
+    """
+    smooth_nr, smooth_dr, sigmoid = C.dice_loss_args(
+        input, target, weight, ignore_index, reduction, include_background, squared_pred, batch,
+        smooth_nr, smooth_dr, activation)
+    name = _fused_backend("dice", backend, input, target, weight)
+    if _dice_reference(name, sigmoid, target):
+        return reference.dice_loss(
+            input, target, weight, ignore_index, reduction, include_background=include_background,
+            squared_pred=squared_pred, batch=batch, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+            activation=activation)
+    sums = _dice_sums(name, input, target, ignore_index, sigmoid, squared_pred, False, False)
+    return _dice_epilogue(sums, weight, include_background, batch, smooth_nr, smooth_dr, None,
+                          reduction, None, input.dtype)
+
+
+def tversky_loss(
+    input: Tensor,
+    target: Tensor,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    *,
+    include_background: bool = True,
+    batch: bool = False,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    activation: str = "softmax",
+    backend: str = "auto",
+) -> Tensor:
+    """Tversky loss on the Dice kernels, MONAI's ``TverskyLoss(softmax=True, to_onehot_y=True,
+    ...)``: ``1 - (I + smooth_nr) / (I + alpha (P - I) + beta (G - I) + smooth_dr)`` per
+    ``(n, c)`` (false positives weighted by ``alpha``, false negatives by ``beta``; 0.5 and 0.5
+    is Dice). Other arguments as :func:`dice_loss` (``weight`` is fusedloss's addition)."""
+    alpha, beta, smooth_nr, smooth_dr, sigmoid = C.tversky_loss_args(
+        input, target, alpha, beta, weight, ignore_index, reduction, include_background, batch,
+        smooth_nr, smooth_dr, activation)
+    name = _fused_backend("dice", backend, input, target, weight)
+    if _dice_reference(name, sigmoid, target):
+        return reference.tversky_loss(
+            input, target, alpha, beta, weight, ignore_index, reduction,
+            include_background=include_background, batch=batch, smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr, activation=activation)
+    sums = _dice_sums(name, input, target, ignore_index, sigmoid, False, False, False)
+    return _dice_epilogue(sums, weight, include_background, batch, smooth_nr, smooth_dr,
+                          (alpha, beta), reduction, None, input.dtype)
+
+
+def dice_ce_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    *,
+    include_background: bool = True,
+    squared_pred: bool = False,
+    batch: bool = False,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    activation: str = "softmax",
+    lambda_dice: float = 1.0,
+    lambda_ce: float = 1.0,
+    ce_weight: Optional[Tensor] = None,
+    label_smoothing: float = 0.0,
+    backend: str = "auto",
+) -> Tensor:
+    """``lambda_dice * dice_loss(...) + lambda_ce * cross_entropy(input, target,
+    weight=ce_weight, ignore_index, label_smoothing)`` with one read of the logits for both terms
+    (MONAI's ``DiceCELoss(softmax=True, to_onehot_y=True, ...)``: pass its ``weight`` as both
+    ``weight`` and ``ce_weight``). ``reduction`` 'mean' or 'sum'; softmax only."""
+    smooth_nr, smooth_dr, lambda_dice, lambda_ce, label_smoothing = C.dice_ce_loss_args(
+        input, target, weight, ignore_index, reduction, include_background, squared_pred, batch,
+        smooth_nr, smooth_dr, activation, lambda_dice, lambda_ce, ce_weight, label_smoothing)
+    name = _fused_backend("dice", backend, input, target, weight, ce_weight)
+    if name is None:
+        return reference.dice_ce_loss(
+            input, target, weight, ignore_index, reduction, include_background=include_background,
+            squared_pred=squared_pred, batch=batch, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+            activation=activation, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
+            ce_weight=ce_weight, label_smoothing=label_smoothing)
+    sums = _dice_sums(name, input, target, ignore_index, False, squared_pred, True,
+                      label_smoothing > 0)
+    return _dice_epilogue(sums, weight, include_background, batch, smooth_nr, smooth_dr, None,
+                          reduction, (lambda_dice, lambda_ce, ce_weight, label_smoothing),
+                          input.dtype)

@@ -189,3 +189,112 @@ class SoftmaxFocalLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"gamma={self.gamma}, ignore_index={self.ignore_index}, "
                 f"reduction={self.reduction!r}")
+
+
+# Dice / Tversky / Dice+CE --------------------------------------------------------------------
+
+__all__ += ["DiceLoss", "TverskyLoss", "DiceCELoss"]
+
+
+def _nonnegative(weight: Optional[Tensor], name: str) -> Optional[Tensor]:
+    """A class weight checked once, at construction (any device: one read, not per call)."""
+    if weight is not None and weight.numel() and not bool((weight >= 0).all()):
+        raise ValueError(f"{name} must be non-negative (and not NaN), got {weight.tolist()}")
+    return weight
+
+
+class _DiceOptions(torch.nn.Module):
+    """The arguments every Dice-family module keeps; ``weight`` is a buffer (follows ``.to()``)."""
+
+    def __init__(self, weight, ignore_index, reduction, include_background, batch, smooth_nr,
+                 smooth_dr, activation, backend):
+        super().__init__()
+        self.register_buffer("weight", _nonnegative(weight, "weight"))
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.include_background = include_background
+        self.batch = batch
+        self.smooth_nr = smooth_nr
+        self.smooth_dr = smooth_dr
+        self.activation = activation
+        self.backend = backend
+
+    def _options(self) -> dict:
+        return {"include_background": self.include_background, "batch": self.batch,
+                "smooth_nr": self.smooth_nr, "smooth_dr": self.smooth_dr,
+                "activation": self.activation, "backend": self.backend}
+
+    def extra_repr(self) -> str:
+        return (f"reduction={self.reduction!r}, include_background={self.include_background}, "
+                f"batch={self.batch}, activation={self.activation!r}")
+
+
+class DiceLoss(_DiceOptions):
+    """:func:`fusedloss.dice_loss` as a module: MONAI's ``DiceLoss(softmax=True,
+    to_onehot_y=True, ...)`` on logits ``(N, C, d1, ..., dk)`` and int64 class indices
+    ``(N, d1, ..., dk)`` (no channel dim), without a one-hot tensor. ``weight`` ``(C,)`` by class
+    id (``weight[0]`` unused with ``include_background=False``)."""
+
+    def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
+                 reduction: str = "mean", *, include_background: bool = True,
+                 squared_pred: bool = False, batch: bool = False, smooth_nr: float = 1e-5,
+                 smooth_dr: float = 1e-5, activation: str = "softmax", backend: str = "auto"):
+        super().__init__(weight, ignore_index, reduction, include_background, batch, smooth_nr,
+                         smooth_dr, activation, backend)
+        self.squared_pred = squared_pred
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.dice_loss(input, target, self.weight, self.ignore_index, self.reduction,
+                           squared_pred=self.squared_pred, **self._options())
+
+
+class TverskyLoss(_DiceOptions):
+    """:func:`fusedloss.tversky_loss` as a module (MONAI's ``TverskyLoss(softmax=True,
+    to_onehot_y=True, ...)``): ``alpha`` weights false positives, ``beta`` false negatives."""
+
+    def __init__(self, alpha: float = 0.5, beta: float = 0.5, weight: Optional[Tensor] = None,
+                 ignore_index: int = -100, reduction: str = "mean", *,
+                 include_background: bool = True, batch: bool = False, smooth_nr: float = 1e-5,
+                 smooth_dr: float = 1e-5, activation: str = "softmax", backend: str = "auto"):
+        super().__init__(weight, ignore_index, reduction, include_background, batch, smooth_nr,
+                         smooth_dr, activation, backend)
+        self.alpha = alpha
+        self.beta = beta
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.tversky_loss(input, target, self.alpha, self.beta, self.weight,
+                              self.ignore_index, self.reduction, **self._options())
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, " + super().extra_repr()
+
+
+class DiceCELoss(_DiceOptions):
+    """:func:`fusedloss.dice_ce_loss` as a module (MONAI's ``DiceCELoss(softmax=True,
+    to_onehot_y=True, ...)``; its single ``weight`` is ``weight`` and ``ce_weight`` here, both
+    kept as buffers): ``lambda_dice * Dice + lambda_ce * cross-entropy``, one read of the logits
+    for both terms. ``reduction`` 'mean' or 'sum'."""
+
+    def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
+                 reduction: str = "mean", *, include_background: bool = True,
+                 squared_pred: bool = False, batch: bool = False, smooth_nr: float = 1e-5,
+                 smooth_dr: float = 1e-5, lambda_dice: float = 1.0, lambda_ce: float = 1.0,
+                 ce_weight: Optional[Tensor] = None, label_smoothing: float = 0.0,
+                 backend: str = "auto"):
+        super().__init__(weight, ignore_index, reduction, include_background, batch, smooth_nr,
+                         smooth_dr, "softmax", backend)
+        self.squared_pred = squared_pred
+        self.lambda_dice = lambda_dice
+        self.lambda_ce = lambda_ce
+        self.register_buffer("ce_weight", _nonnegative(ce_weight, "ce_weight"))
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.dice_ce_loss(input, target, self.weight, self.ignore_index, self.reduction,
+                              squared_pred=self.squared_pred, lambda_dice=self.lambda_dice,
+                              lambda_ce=self.lambda_ce, ce_weight=self.ce_weight,
+                              label_smoothing=self.label_smoothing, **self._options())
+
+    def extra_repr(self) -> str:
+        return (f"lambda_dice={self.lambda_dice}, lambda_ce={self.lambda_ce}, "
+                + super().extra_repr())

@@ -403,3 +403,139 @@ def total_variation(input, weight=None, *, norm="l1", eps=0.0, reduction="mean")
     else:
         out = per_image.sum() / input.numel()
     return out.to(input.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# dice_loss, tversky_loss, dice_ce_loss
+# ---------------------------------------------------------------------------------------------
+
+__all__ += ["dice_loss", "tversky_loss", "dice_ce_loss"]
+
+
+def _dice_sums(input, target, ignore_index, sigmoid, squared_pred, batch):
+    """(I, P, G), each (N, C) (or (C,) with ``batch``), in the accumulation dtype: the softmax
+    (or sigmoid) ``p`` and the one-hot ``g`` of the target, summed over the non-ignored
+    positions."""
+    acc = C.acc_dtype(input.dtype)
+    n, c = input.shape[0], input.shape[1]
+    d = math.prod(input.shape[2:])
+    x = input.to(acc).reshape(n, c, d)
+    if sigmoid:
+        p = torch.sigmoid(x)
+        g = target.to(acc).reshape(n, c, d)
+    else:
+        t = target.reshape(n, d)
+        valid = t != ignore_index
+        _check_target_values(t, valid, c)
+        y = torch.where(valid, t, torch.zeros_like(t))
+        mask = valid.unsqueeze(1).to(acc)                          # (N, 1, D)
+        p = torch.softmax(x, dim=1) * mask
+        g = F.one_hot(y, c).movedim(-1, 1).to(acc) * mask         # (N, C, D)
+    inter = (p * g).sum(-1)
+    pred = (p * p if squared_pred else p).sum(-1)
+    ground = (g * g if squared_pred else g).sum(-1)
+    if batch:
+        inter, pred, ground = inter.sum(0), pred.sum(0), ground.sum(0)
+    return inter, pred, ground
+
+
+def _dice_reduce(f, weight, include_background, reduction):
+    """Per-class loss ``f`` (..., C) times ``weight[c]``, class 0 dropped without the
+    background, then the reduction over every remaining entry."""
+    if weight is not None:
+        f = f * weight.to(f.dtype)
+    if not include_background:
+        f = f[..., 1:]
+    if reduction == "mean":
+        return f.mean()
+    if reduction == "sum":
+        return f.sum()
+    return f
+
+
+def _dice(input, target, weight, ignore_index, reduction, include_background, squared_pred,
+          batch, smooth_nr, smooth_dr, sigmoid):
+    inter, pred, ground = _dice_sums(input, target, ignore_index, sigmoid, squared_pred, batch)
+    f = 1.0 - (2.0 * inter + smooth_nr) / (pred + ground + smooth_dr)
+    return _dice_reduce(f, weight, include_background, reduction)
+
+
+def dice_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
+              include_background=True, squared_pred=False, batch=False, smooth_nr=1e-5,
+              smooth_dr=1e-5, activation="softmax"):
+    r"""Dice loss from logits ``(N, C, d1, ..., dk)`` (k >= 1) and int64 class indices
+    ``(N, d1, ..., dk)``, as MONAI's ``DiceLoss(softmax=True, to_onehot_y=True, ...)`` computes
+    it on the target unsqueezed to ``(N, 1, d1, ..., dk)``.
+
+    ``p = softmax(input, dim=1)``, ``g = one_hot(target)``; over the positions whose target is not
+    ``ignore_index``, per ``(n, c)`` (per ``c``, summed over n too, with ``batch=True``)::
+
+        I = sum p * g      P = sum p (p**2 with squared_pred)      G = sum g (g**2: the same)
+        loss[n, c] = 1 - (2 I + smooth_nr) / (P + G + smooth_dr)
+
+    A class absent from both the target and the prediction gives ``1 - smooth_nr / smooth_dr``.
+    ``weight`` ``(C,)`` (>= 0), indexed by class id, multiplies ``loss[:, c]``;
+    ``include_background=False`` drops class 0 (and ``weight[0]``, which is unused: MONAI takes
+    ``C - 1`` weights there). ``reduction``: ``'none'`` returns ``(N, C')`` (``(C',)`` with
+    ``batch``; ``C' = C`` or ``C - 1``), ``'mean'`` its mean, ``'sum'`` its sum.
+
+    ``activation="sigmoid"`` (multi-label): ``p = sigmoid(input)``, ``target`` floating of the
+    input's shape (soft labels allowed), ``ignore_index`` unused. Math in float32 (float64 for
+    float64 input); the loss in the input's dtype.
+    """
+    smooth_nr, smooth_dr, sigmoid = C.dice_loss_args(
+        input, target, weight, ignore_index, reduction, include_background, squared_pred, batch,
+        smooth_nr, smooth_dr, activation)
+    loss = _dice(input, target, weight, ignore_index, reduction, include_background,
+                 squared_pred, batch, smooth_nr, smooth_dr, sigmoid)
+    return loss.to(input.dtype)
+
+
+def tversky_loss(input, target, alpha=0.5, beta=0.5, weight=None, ignore_index=-100,
+                 reduction="mean", *, include_background=True, batch=False, smooth_nr=1e-5,
+                 smooth_dr=1e-5, activation="softmax"):
+    r"""Tversky loss, MONAI's ``TverskyLoss(softmax=True, to_onehot_y=True, ...)``: with I, P, G
+    of :func:`dice_loss` (false positives ``P - I``, false negatives ``G - I``)::
+
+        loss[n, c] = 1 - (I + smooth_nr) / (I + alpha (P - I) + beta (G - I) + smooth_dr)
+
+    ``alpha = beta = 0.5`` is the Dice loss. ``weight`` (not in MONAI's TverskyLoss), the
+    reductions, ``batch``, ``include_background``, ``ignore_index`` and ``activation`` as in
+    :func:`dice_loss`.
+    """
+    alpha, beta, smooth_nr, smooth_dr, sigmoid = C.tversky_loss_args(
+        input, target, alpha, beta, weight, ignore_index, reduction, include_background, batch,
+        smooth_nr, smooth_dr, activation)
+    inter, pred, ground = _dice_sums(input, target, ignore_index, sigmoid, False, batch)
+    f = 1.0 - (inter + smooth_nr) / (inter + alpha * (pred - inter) + beta * (ground - inter)
+                                     + smooth_dr)
+    return _dice_reduce(f, weight, include_background, reduction).to(input.dtype)
+
+
+def dice_ce_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
+                 include_background=True, squared_pred=False, batch=False, smooth_nr=1e-5,
+                 smooth_dr=1e-5, activation="softmax", lambda_dice=1.0, lambda_ce=1.0,
+                 ce_weight=None, label_smoothing=0.0):
+    r"""Dice + cross-entropy, MONAI's ``DiceCELoss(softmax=True, to_onehot_y=True, ...)``::
+
+        loss = lambda_dice * dice_loss(input, target, weight, ignore_index, reduction, ...)
+             + lambda_ce * F.cross_entropy(input, target, weight=ce_weight,
+                                           ignore_index=ignore_index,
+                                           label_smoothing=label_smoothing, reduction=reduction)
+
+    ``reduction`` 'mean' or 'sum' (the two terms have different shapes: 'none' is a ValueError),
+    softmax only (``activation="sigmoid"`` is a ValueError; MONAI uses BCE for one channel).
+    MONAI's single ``weight`` is both terms' class weight: pass it as ``weight`` and ``ce_weight``
+    (each with C entries; MONAI drops ``weight[0]`` of the Dice term without the background, as
+    ``include_background=False`` does here).
+    """
+    smooth_nr, smooth_dr, lambda_dice, lambda_ce, label_smoothing = C.dice_ce_loss_args(
+        input, target, weight, ignore_index, reduction, include_background, squared_pred, batch,
+        smooth_nr, smooth_dr, activation, lambda_dice, lambda_ce, ce_weight, label_smoothing)
+    acc = C.acc_dtype(input.dtype)
+    dice = _dice(input, target, weight, ignore_index, reduction, include_background,
+                 squared_pred, batch, smooth_nr, smooth_dr, False)
+    ce = F.cross_entropy(input.to(acc), target, None if ce_weight is None else ce_weight.to(acc),
+                         ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing)
+    return (lambda_dice * dice + lambda_ce * ce).to(input.dtype)

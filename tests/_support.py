@@ -738,3 +738,230 @@ def _sf_torch_half(input, target, gamma=2.0, weight=None, ignore_index=-100, red
 OPS.append(OpInfo("softmax_focal", fusedloss.softmax_focal_loss, reference.softmax_focal_loss,
                   _sf_samples, _sf_bad, _sf_ops, _sf_gradcheck, _sf_compile,
                   torch_half=_sf_torch_half))
+# dice_loss / tversky_loss / dice_ce_loss (one row: the device ops are shared) -----------------
+
+_DICE_FNS = {"dice": "dice_loss", "tversky": "tversky_loss", "dice_ce": "dice_ce_loss"}
+
+
+def _dice(input, target, *, loss="dice", **kw):
+    """fusedloss.dice_loss / tversky_loss / dice_ce_loss, chosen by ``loss``."""
+    return getattr(fusedloss, _DICE_FNS[loss])(input, target, **kw)
+
+
+def _dice_ref(input, target, *, loss="dice", **kw):
+    return getattr(reference, _DICE_FNS[loss])(input, target, **kw)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last if x.dim() == 4
+                        else torch.channels_last_3d)
+
+
+def _dice_samples(device):
+    def t(shape, c, frac=0.0):
+        return class_targets(shape, c, device, frac)
+    x = lambda *s: make(s, device=device)  # noqa: E731
+    soft = lambda *s: soft_targets(s, device)  # noqa: E731
+    w = lambda c: torch.rand(c, device=device) + 0.1  # noqa: E731
+    all_ignored = torch.full((2, 3, 4), -100, device=device)
+    return [
+        Sample("2d-mean-ignored", (x(2, 4, 5, 6), t((2, 5, 6), 4, 0.2))),
+        Sample("3d-none-batch-nobg-weight", (x(2, 3, 3, 4, 5), t((2, 3, 4, 5), 3, 0.1)),
+               {"reduction": "none", "batch": True, "include_background": False,
+                "weight": w(3)}),
+        Sample("channels_last-none", (channels_last(x(2, 5, 6, 7)), t((2, 6, 7), 5, 0.1)),
+               {"reduction": "none", "weight": w(5)}),
+        Sample("channels_last_3d-sum", (channels_last(x(1, 3, 3, 4, 5)), t((1, 3, 4, 5), 3)),
+               {"reduction": "sum", "squared_pred": True}),
+        Sample("squared-smooth", (x(3, 6, 33), t((3, 33), 6, 0.3)),
+               {"reduction": "sum", "squared_pred": True, "smooth_nr": 0.0,
+                "smooth_dr": 1e-3}),
+        Sample("absent-classes", (x(2, 7, 9), t((2, 9), 2)), {"reduction": "none"}),
+        Sample("1-position", (x(1, 2, 1), t((1, 1), 2))),
+        Sample("sigmoid-C1", (x(2, 1, 7, 3), soft(2, 1, 7, 3)), {"activation": "sigmoid"}),
+        Sample("sigmoid-none-nobg-squared", (x(2, 3, 4, 5), soft(2, 3, 4, 5)),
+               {"activation": "sigmoid", "reduction": "none", "include_background": False,
+                "squared_pred": True, "weight": w(3)}),
+        Sample("tversky-weighted", (x(2, 4, 5, 6), t((2, 5, 6), 4, 0.2)),
+               {"loss": "tversky", "alpha": 0.3, "beta": 0.7, "weight": w(4)}),
+        Sample("tversky-batch-none-nobg", (x(3, 3, 17), t((3, 17), 3)),
+               {"loss": "tversky", "alpha": 0.8, "beta": 0.2, "batch": True,
+                "include_background": False, "reduction": "none"}),
+        Sample("tversky-sigmoid-sum", (x(2, 2, 9), soft(2, 2, 9)),
+               {"loss": "tversky", "activation": "sigmoid", "reduction": "sum"}),
+        Sample("dice_ce-mean-all-extras", (x(2, 4, 5, 6), t((2, 5, 6), 4, 0.2)),
+               {"loss": "dice_ce", "weight": w(4), "ce_weight": w(4), "label_smoothing": 0.1,
+                "lambda_dice": 0.7, "lambda_ce": 1.3}),
+        Sample("dice_ce-sum-nobg-squared-batch", (x(2, 3, 4, 5, 2), t((2, 4, 5, 2), 3, 0.1)),
+               {"loss": "dice_ce", "reduction": "sum", "include_background": False,
+                "squared_pred": True, "batch": True, "ce_weight": w(3)}),
+        Sample("dice_ce-smoothing-noweight", (channels_last(x(2, 5, 3, 3)), t((2, 3, 3), 5)),
+               {"loss": "dice_ce", "label_smoothing": 0.3}),
+        Sample("all-ignored", (x(2, 3, 3, 4), all_ignored), {"reduction": "none"},
+               nan_loss=False),
+        Sample("empty-batch", (x(0, 3, 4), t((0, 4), 3)), empty=True),
+        Sample("empty-spatial", (x(2, 3, 0), t((2, 0), 3)), {"weight": w(3)}, empty=True),
+    ]
+
+
+def _dice_bad(device):
+    x = make((2, 4, 5), device=device)
+    t = class_targets((2, 5), 4, device)
+    s = soft_targets((2, 4, 5), device)
+    ones = lambda *a, **k: torch.ones(*a, device=device, **k)  # noqa: E731
+    return [
+        BadInput("reduction", (x, t), {"reduction": "avg"}, ValueError, "reduction"),
+        BadInput("input-2d", (x[:, :, 0], t[:, 0]), {}, ValueError, "input"),
+        BadInput("input-dtype", (x.long(), t), {}, TypeError, "input"),
+        BadInput("input-1-class", (x[:, :1], t * 0), {}, ValueError, "input"),
+        BadInput("target-shape", (x, t[:, :3]), {}, ValueError, "target"),
+        BadInput("target-int32", (x, t.int()), {}, TypeError, "target"),
+        BadInput("target-float", (x, t.float()), {}, TypeError, "target"),
+        BadInput("target-type", (x, [0, 1]), {}, TypeError, "target"),
+        BadInput("weight-shape", (x, t), {"weight": ones(3)}, ValueError, "weight"),
+        BadInput("weight-dtype", (x, t), {"weight": ones(4, dtype=torch.long)}, TypeError,
+                 "weight"),
+        BadInput("weight-negative", (x, t), {"weight": torch.tensor([1.0, -1.0, 1.0, 1.0],
+                                                                   device=device)},
+                 ValueError, "weight"),
+        BadInput("smooth_nr", (x, t), {"smooth_nr": -1e-5}, ValueError, "smooth_nr"),
+        BadInput("smooth_dr-nan", (x, t), {"smooth_dr": float("nan")}, ValueError, "smooth_dr"),
+        BadInput("ignore_index-type", (x, t), {"ignore_index": 1.5}, TypeError, "ignore_index"),
+        BadInput("include_background-type", (x, t), {"include_background": 0}, TypeError,
+                 "include_background"),
+        BadInput("batch-type", (x, t), {"batch": "yes"}, TypeError, "batch"),
+        BadInput("squared_pred-type", (x, t), {"squared_pred": 1}, TypeError, "squared_pred"),
+        BadInput("activation", (x, t), {"activation": "relu"}, ValueError, "activation"),
+        BadInput("sigmoid-target-shape", (x, s[:, :3]), {"activation": "sigmoid"}, ValueError,
+                 "target"),
+        BadInput("sigmoid-target-int", (x, s.long()), {"activation": "sigmoid"}, TypeError,
+                 "target"),
+        BadInput("sigmoid-1-channel-nobg", (x[:, :1], s[:, :1]),
+                 {"activation": "sigmoid", "include_background": False}, ValueError,
+                 "include_background"),
+        BadInput("tversky-alpha", (x, t), {"loss": "tversky", "alpha": -0.1}, ValueError,
+                 "alpha"),
+        BadInput("tversky-beta-type", (x, t), {"loss": "tversky", "beta": "0.5"}, TypeError,
+                 "beta"),
+        BadInput("dice_ce-none", (x, t), {"loss": "dice_ce", "reduction": "none"}, ValueError,
+                 "reduction"),
+        BadInput("dice_ce-sigmoid", (x, s), {"loss": "dice_ce", "activation": "sigmoid"},
+                 ValueError, "activation"),
+        BadInput("dice_ce-lambda_ce", (x, t), {"loss": "dice_ce", "lambda_ce": -1.0},
+                 ValueError, "lambda_ce"),
+        BadInput("dice_ce-lambda_dice", (x, t), {"loss": "dice_ce", "lambda_dice": float("inf")},
+                 ValueError, "lambda_dice"),
+        BadInput("dice_ce-ce_weight", (x, t), {"loss": "dice_ce", "ce_weight": ones(5)},
+                 ValueError, "ce_weight"),
+        BadInput("dice_ce-ce_weight-negative", (x, t),
+                 {"loss": "dice_ce", "ce_weight": -ones(4)}, ValueError, "ce_weight"),
+        BadInput("dice_ce-label_smoothing", (x, t), {"loss": "dice_ce", "label_smoothing": 1.5},
+                 ValueError, "label_smoothing"),
+        BadInput("backend", (x, t), {"backend": "tpu"}, ValueError, "backend"),
+    ]
+
+
+def _dice_ops(device, backend):
+    x = make((2, 3, 17), device=device)
+    t = class_targets((2, 17), 3, device, ignore_frac=0.2)
+    x5 = make((2, 5, 4, 6), device=device).contiguous(memory_format=torch.channels_last)
+    x5 = x5.reshape(2, 5, 24)  # class stride 1
+    t5 = class_targets((2, 24), 5, device)
+    s = soft_targets((2, 3, 17), device)
+    ops = torch.ops.fusedloss
+    out = []
+    for xx, tt, sig in ((x, t, False), (x5, t5, False), (x, s, True)):
+        for squared in (False, True):
+            for with_ce, with_sm in (((False, False),) if sig else
+                                     ((False, False), (True, False), (True, True))):
+                flags = (-100, sig, squared, with_ce, with_sm)
+                for grad in (False, True):
+                    out.append((ops.dice_sums,
+                                (xx.clone().requires_grad_(grad), tt) + flags + (backend,)))
+                n, c, d = xx.shape
+                lse = (torch.logsumexp(xx, 1) if not sig else xx.new_empty(0))
+                gs = make((n, c, 5), device=device)
+                out.append((ops.dice_sums_backward, (gs, xx, tt, lse) + flags + (backend,)))
+    if backend != "triton" and hasattr(torch.ops.fusedloss_C, "dice_fwd"):
+        c_ops = torch.ops.fusedloss_C  # fusedloss_C's device ops on the canonical view
+        out.append((c_ops.dice_fwd, (x5, t5, -100, False, False, True, True)))
+        out.append((c_ops.dice_bwd, (make((2, 5, 5), device=device), x5, t5,
+                                     torch.logsumexp(x5, 1), -100, False, False, True, True)))
+        out.append((c_ops.dice_fwd, (x, s, -100, True, True, False, False)))
+    return out
+
+
+def _dice_gradcheck(device):
+    x = make((2, 3, 5), torch.float64, device)
+    t = class_targets((2, 5), 3, device, ignore_frac=0.2)
+    t[0, 0] = 1
+    s = soft_targets((2, 3, 5), device).double()
+    w = torch.rand(3, dtype=torch.float64, device=device) + 0.1
+    return [
+        Sample("mean", (x, t)),
+        Sample("none-weight-nobg", (x, t), {"reduction": "none", "weight": w,
+                                            "include_background": False}),
+        Sample("squared-batch-sum", (x, t), {"squared_pred": True, "batch": True,
+                                             "reduction": "sum"}),
+        Sample("sigmoid-squared", (x, s), {"activation": "sigmoid", "squared_pred": True}),
+        Sample("tversky", (x, t), {"loss": "tversky", "alpha": 0.3, "beta": 0.7, "weight": w}),
+        Sample("dice_ce-extras", (x, t), {"loss": "dice_ce", "ce_weight": w,
+                                          "label_smoothing": 0.2, "lambda_dice": 0.5}),
+        Sample("dice_ce-sum-squared", (x, t), {"loss": "dice_ce", "reduction": "sum",
+                                               "squared_pred": True, "batch": True}),
+    ]
+
+
+def _dice_compile(device):
+    x = make((2, 4, 5, 6), device=device)
+    t = class_targets((2, 5, 6), 4, device, ignore_frac=0.2)
+    w = torch.rand(4, device=device) + 0.1
+    return [
+        Sample("dice-mean-weight", (x, t), {"weight": w, "include_background": False}),
+        Sample("dice-none-batch", (x, t), {"reduction": "none", "batch": True,
+                                           "squared_pred": True}),
+        Sample("dice-channels_last", (channels_last(x), t), {}),
+        Sample("sigmoid", (x, soft_targets((2, 4, 5, 6), device)), {"activation": "sigmoid"}),
+        Sample("tversky-none", (x, t), {"loss": "tversky", "alpha": 0.7, "beta": 0.3,
+                                        "reduction": "none"}),
+        Sample("dice_ce-extras", (x, t), {"loss": "dice_ce", "ce_weight": w,
+                                          "label_smoothing": 0.1, "reduction": "sum"}),
+    ]
+
+
+def _dice_torch_half(input, target, *, loss="dice", weight=None, ignore_index=-100,
+                     reduction="mean", include_background=True, squared_pred=False, batch=False,
+                     smooth_nr=1e-5, smooth_dr=1e-5, alpha=0.5, beta=0.5, ce_weight=None,
+                     label_smoothing=0.0, lambda_dice=1.0, lambda_ce=1.0):
+    """The Dice family from torch ops at the input's precision (softmax, one-hot, sums): what a
+    user writes (MONAI's computation) in half precision."""
+    n, c = input.shape[:2]
+    valid = (target != ignore_index).unsqueeze(1)
+    y = torch.where(valid.squeeze(1), target, 0)
+    p = torch.softmax(input, 1) * valid
+    g = F.one_hot(y, c).movedim(-1, 1).to(input.dtype) * valid
+    dims = tuple(range(2, input.dim()))
+    if batch:
+        dims = (0,) + dims
+    inter = (p * g).sum(dims)
+    pred = (p * p if squared_pred else p).sum(dims)
+    ground = (g * g if squared_pred else g).sum(dims)
+    if loss == "tversky":
+        f = 1 - (inter + smooth_nr) / (inter + alpha * (pred - inter) + beta * (ground - inter)
+                                       + smooth_dr)
+    else:
+        f = 1 - (2 * inter + smooth_nr) / (pred + ground + smooth_dr)
+    if weight is not None:
+        f = f * weight.to(f.dtype)
+    if not include_background:
+        f = f[..., 1:]
+    out = f if reduction == "none" else f.mean() if reduction == "mean" else f.sum()
+    if loss == "dice_ce":
+        out = lambda_dice * out + lambda_ce * F.cross_entropy(
+            input, target, ce_weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing)
+    return out
+
+
+OPS.append(OpInfo("dice", _dice, _dice_ref, _dice_samples, _dice_bad, _dice_ops,
+                  _dice_gradcheck, _dice_compile, torch_half=_dice_torch_half))

@@ -4,6 +4,7 @@
 from . import (  # noqa: F401  (importing them registers the fusedloss:: custom ops)
     bce,
     cross_entropy,
+    dice,
     linear_cross_entropy,
     logsumexp,
     scale_grad,
