@@ -17,8 +17,9 @@ at a time), in channels-last the classes are.
 
 Forward (``_dice_fwd_kernel``). The positions of each n are split into blocks of
 ``block_positions(C, D)`` positions (fixed by (C, D) only); a program owns one block and one
-chunk of BLOCK_C classes, walks the block's tiles and keeps the five per-class sums of its chunk
-in registers (each tile reduced over its positions in a fixed order), then stores them into a
+chunk of BLOCK_C classes, walks the block's tiles adding each tile's terms into five per-element
+accumulators (plain adds, no cross-thread work per tile), reduces them over the positions once
+(a fixed tree: the same order on every call) and stores the five per-class sums into a
 workspace (N, blocks_per_n, C, 5) that the launcher reduces over the blocks with one torch sum
 (deterministic: the same order on every call; no float atomics). The workspace is
 C * 5 * 4 bytes per block of positions: about 1% of bfloat16 logits.
@@ -67,10 +68,14 @@ __all__ = ["dice_fwd", "dice_bwd", "block_positions"]
 
 # Launch knobs, read at every launch (tests make them small so that every path runs on small
 # shapes): the most classes of one tile (softmax: beyond it, chunks and the lse pre-pass), the
-# classes of a sigmoid tile, the elements of a tile, and the positions of one forward block.
+# classes of a sigmoid tile, the elements of a forward and of a backward tile (float32; half for
+# float64), and the positions of one forward block. The forward keeps five per-element
+# accumulators of its tile: 2048 elements needed 150-230 registers on sm_80, 1024 stay <= 128
+# with no spill (.ci/check_triton.py); the backward's 2048 stay <= 148.
 MAX_BLOCK_C = 128
 SIGMOID_BLOCK_C = 16
-TILE_ELEMS = 2048
+FWD_TILE_ELEMS = 1024
+BWD_TILE_ELEMS = 2048
 BLOCK_POSITIONS = 1024
 NUM_SUMS = 5  # I, P, G, NLL, SM (dice.h: DiceSum)
 
@@ -141,11 +146,13 @@ def _dice_fwd_kernel(
     rows = tl.arange(0, BLOCK_ROWS).to(tl.int64)
     d0 = blk * tiles_per_block * BLOCK_ROWS
 
-    s_i = tl.zeros([BLOCK_C], ACC_DTYPE)
-    s_p = tl.zeros([BLOCK_C], ACC_DTYPE)
-    s_g = tl.zeros([BLOCK_C], ACC_DTYPE)
-    s_nll = tl.zeros([BLOCK_C], ACC_DTYPE)
-    s_sm = tl.zeros([BLOCK_C], ACC_DTYPE)
+    # Per-element accumulators, reduced over the positions once after the loop (elementwise adds
+    # per tile instead of five cross-thread reductions).
+    s_i = tl.zeros([BLOCK_ROWS, BLOCK_C], ACC_DTYPE)
+    s_p = tl.zeros([BLOCK_ROWS, BLOCK_C], ACC_DTYPE)
+    s_g = tl.zeros([BLOCK_ROWS, BLOCK_C], ACC_DTYPE)
+    s_nll = tl.zeros([BLOCK_ROWS, BLOCK_C], ACC_DTYPE)
+    s_sm = tl.zeros([BLOCK_ROWS, BLOCK_C], ACC_DTYPE)
     any_bad = tl.zeros([BLOCK_ROWS], tl.int32)
     for k in range(0, tiles_per_block):
         d = d0 + k * BLOCK_ROWS + rows
@@ -158,13 +165,13 @@ def _dice_fwd_kernel(
                            ACC_DTYPE)
             p, _ = _sigmoid_pair(x)
             p = tl.where(mask, p, 0.0)
-            s_i += tl.sum(p * g, axis=0)
+            s_i += p * g
             if SQUARED_PRED:
-                s_p += tl.sum(p * p, axis=0)
-                s_g += tl.sum(g * g, axis=0)
+                s_p += p * p
+                s_g += g * g
             else:
-                s_p += tl.sum(p, axis=0)
-                s_g += tl.sum(g, axis=0)
+                s_p += p
+                s_g += g
         else:
             y, keep, bad = _class_targets(t_ptr, n, d, t_stride_n, t_stride_d, row_mask,
                                           ignore_index, C)
@@ -185,26 +192,27 @@ def _dice_fwd_kernel(
             sel = keep[:, None] & col_mask[None, :]
             hit = sel & (cols[None, :] == y[:, None])  # the one-hot, in registers
             pm = tl.where(sel, p, 0.0)
-            s_i += tl.sum(tl.where(hit, p, 0.0), axis=0)
+            s_i += tl.where(hit, p, 0.0)
             if SQUARED_PRED:
-                s_p += tl.sum(pm * pm, axis=0)
+                s_p += pm * pm
             else:
-                s_p += tl.sum(pm, axis=0)
-            s_g += tl.sum(hit.to(ACC_DTYPE), axis=0)  # g is 0/1: g^2 = g
+                s_p += pm
+            s_g += hit.to(ACC_DTYPE)  # g is 0/1: g^2 = g
             if WITH_CE:
-                s_nll += tl.sum(tl.where(hit, dist, 0.0), axis=0)
+                s_nll += tl.where(hit, dist, 0.0)
             if WITH_SMOOTHING:
-                s_sm += tl.sum(tl.where(sel, dist, 0.0), axis=0)
+                s_sm += tl.where(sel, dist, 0.0)
 
     ws = ws_ptr + ((n * blocks_per_n + blk) * C + cols) * 5
-    tl.store(ws + 0, s_i, mask=col_mask)
-    tl.store(ws + 1, s_p, mask=col_mask)
-    tl.store(ws + 2, s_g, mask=col_mask)
-    tl.store(ws + 3, s_nll, mask=col_mask)
-    tl.store(ws + 4, s_sm, mask=col_mask)
-    if not SIGMOID:  # last, with nothing live (see the module doc); y was never an address
-        tl.device_assert(any_bad == 0, "fusedloss: dice target out of bounds (0 <= target < C "
-                                       "or ignore_index)")
+    tl.store(ws + 0, tl.sum(s_i, axis=0), mask=col_mask)
+    tl.store(ws + 1, tl.sum(s_p, axis=0), mask=col_mask)
+    tl.store(ws + 2, tl.sum(s_g, axis=0), mask=col_mask)
+    tl.store(ws + 3, tl.sum(s_nll, axis=0), mask=col_mask)
+    tl.store(ws + 4, tl.sum(s_sm, axis=0), mask=col_mask)
+    if not SIGMOID:  # last, with nothing live (see the module doc); y was never an address.
+        # One scalar: a per-element assertion keeps the other elements live across its call.
+        tl.device_assert(tl.max(any_bad, axis=0) == 0, "fusedloss: dice target out of bounds "
+                                                       "(0 <= target < C or ignore_index)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,11 +363,12 @@ def _dice_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _tiles(C, D, dtype, sigmoid):
+def _tiles(C, D, dtype, sigmoid, forward=True):
     """(BLOCK_C, num_chunks, BLOCK_ROWS, num_warps) of a tile of C classes and D positions."""
     cap = SIGMOID_BLOCK_C if sigmoid else MAX_BLOCK_C
     block_c = min(triton.next_power_of_2(C), triton.next_power_of_2(cap))
-    elems = TILE_ELEMS // 2 if dtype == torch.float64 else TILE_ELEMS
+    elems = FWD_TILE_ELEMS if forward else BWD_TILE_ELEMS
+    elems = elems // 2 if dtype == torch.float64 else elems
     block_rows = min(triton.next_power_of_2(max(D, 1)), max(1, elems // block_c))
     num_warps = 4 if block_c * block_rows <= 2048 else 8
     return block_c, triton.cdiv(C, block_c), block_rows, num_warps
@@ -471,7 +480,7 @@ def dice_bwd(grad_sums, input, target, lse, ignore_index: int, sigmoid: bool,
     gs = grad_sums.to(acc).contiguous()
     lse = lse.to(acc).contiguous() if not sigmoid else gs  # unused pointer in sigmoid mode
 
-    block_c, num_chunks, block_rows, num_warps = _tiles(C, D, input.dtype, sigmoid)
+    block_c, num_chunks, block_rows, num_warps = _tiles(C, D, input.dtype, sigmoid, False)
     tiles_per_n = triton.cdiv(D, block_rows)
     grid_chunks = num_chunks if sigmoid else 1
     grid = _check_grid((N * tiles_per_n * grid_chunks,), "dice_bwd")

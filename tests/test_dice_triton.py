@@ -40,7 +40,8 @@ SIGMOID_FLAGS = [(False, False, False), (True, False, False)]
 def small_tiles(monkeypatch):
     """Tiles of 64 elements, blocks of 32 positions, 8 classes a softmax tile, 4 a sigmoid one:
     a (2, 5, 70) input has 3 blocks per n of up to 4 tiles, and C = 19 has 3 class chunks."""
-    monkeypatch.setattr(K, "TILE_ELEMS", 64)
+    monkeypatch.setattr(K, "FWD_TILE_ELEMS", 64)
+    monkeypatch.setattr(K, "BWD_TILE_ELEMS", 64)
     monkeypatch.setattr(K, "BLOCK_POSITIONS", 32)
     monkeypatch.setattr(K, "MAX_BLOCK_C", 8)
     monkeypatch.setattr(K, "SIGMOID_BLOCK_C", 4)
