@@ -166,6 +166,23 @@ def test_shapes(shape, sigmoid):
         check(x, targets_for(x, sigmoid), sigmoid, (True, True, False))
 
 
+def test_sigmoid_one_class():
+    """Binary segmentation: one sigmoid channel."""
+    x = logits((3, 1, 45))
+    check(x, targets_for(x, True), True, (False, False, False))
+    check(x, targets_for(x, True), True, (True, False, False))
+
+
+@pytest.mark.parametrize("sigmoid", [False, True], ids=["softmax", "sigmoid"])
+def test_default_knobs(monkeypatch, sigmoid):
+    """The launch configuration the GPU gets (1024-element forward tiles, 1024-position blocks,
+    2048-element backward tiles): two blocks for one n, the second partial."""
+    monkeypatch.undo()
+    x = logits((1, 19, 1100))
+    flags = (True, False, False) if sigmoid else (True, True, True)
+    check(x, targets_for(x, sigmoid), sigmoid, flags)
+
+
 @pytest.mark.parametrize("shape", [(2, 5, 0), (0, 5, 7)], ids=["D0", "N0"])
 @pytest.mark.parametrize("sigmoid", [False, True], ids=["softmax", "sigmoid"])
 def test_empty(shape, sigmoid):
