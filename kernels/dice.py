@@ -7,8 +7,8 @@ upstream gradient; the loss is plain torch on the sums (fusedloss/ops/dice.py).
 
 Dice reduces over positions, not over classes, so it does not fit the softmax-row skeleton's row
 loop (_softmax_row.py: per-row results, a class loop per row); this file is written beside it and
-reuses its shared pieces (``logsumexp_fwd`` for the many-class pre-pass, ``_common``'s launch
-helpers, rounding and error buffer).
+reuses its shared pieces (``logsumexp_fwd`` for the many-class pre-pass, ``_class_target`` for the
+backward's target check, ``_common``'s launch helpers, rounding and error buffer).
 
 Tiles. The input is (N, C, D) with any strides; a tile is BLOCK_ROWS consecutive positions d of
 one n times BLOCK_C classes (C padded to a power of two), loaded once in any layout: in NCHW the
@@ -62,6 +62,7 @@ from ._common import (
     _store_rounded,
     _tl_acc,
 )
+from ._softmax_row import _class_target
 from .logsumexp import logsumexp_fwd
 
 __all__ = ["dice_fwd", "dice_bwd", "block_positions"]
@@ -302,12 +303,10 @@ def _dice_bwd_kernel(
         _store_rounded(grad_ptr + n * grad_stride_n + d[:, None] * grad_stride_d +
                        cols[None, :] * grad_stride_c, dz, mask, EMULATE_RTNE)
     else:
-        # Targets first: the assertion before anything else is live (see the module doc).
-        y, keep, bad = _class_targets(t_ptr, n, d, t_stride_n, t_stride_d, row_mask,
-                                      ignore_index, C)
-        tl.device_assert(bad == 0, "fusedloss: dice target out of bounds (0 <= target < C or "
-                                   "ignore_index)")
-        _report_error(err_ptr, bad, y, REPORT_ERRORS)
+        # Targets first: the skeleton's check, its assertion before anything else is live.
+        y, ignored, y_ok = _class_target(t_ptr, n * t_stride_n + d * t_stride_d, row_mask,
+                                         ignore_index, C, err_ptr, REPORT_ERRORS)
+        keep = row_mask & (ignored == 0)
         lse = tl.load(lse_ptr + n * D + d, mask=row_mask, other=0.0).to(ACC_DTYPE)
         g_row = grad_ptr + n * grad_stride_n + d * grad_stride_d
         cols0 = tl.arange(0, BLOCK_C).to(tl.int64)
