@@ -143,6 +143,7 @@ def scenarios(quick):
     yield "CE seg N=1 C=19 D=2^34/19 bf16", ce(1, 19, 2**34 // 19, torch.bfloat16), ""
     yield from elementwise_scenarios(quick)
     yield from softmax_focal_scenarios(quick)
+    yield from dice_scenarios(quick)
     if quick:
         return
     fp16 = torch.float16
@@ -271,6 +272,85 @@ def softmax_focal_scenarios(quick):
     yield "SFocal cls N=4096 C=1000 fp64", sf(4096, 1000, 1, torch.float64), "ld+st"
     yield "SFocal seg N=1 C=19 D=2^34/19 bf16", sf(1, 19, 2**34 // 19, torch.bfloat16), ""
     yield "SFocal N*V=2^34 V=50257 bf16", sf(2**34 // 50257, 50257, 1, torch.bfloat16), "ld+st"
+
+
+def dice_scenarios(quick):
+    """The Dice launches (kernels/dice.py), forward and backward: Cityscapes (8, 19, 512, 512) and
+    BTCV (2, 14, 128, 128, 128) in NCHW (positions contiguous: 128-bit loads and gradient stores)
+    and channels-last (class stride 1, rows of C = 19 / 14 elements: not alignable), every
+    feature flag in softmax and sigmoid mode, 95 classes (one tile), 200 (the lse pre-pass and
+    class chunks), float64, and the 2^31-position grid."""
+    import torch
+
+    from fusedloss.kernels import dice
+
+    def empty(*shape, dtype):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    def ncd(N, C, D, dtype, layout):
+        if layout == "channels_last":
+            return empty(N, D, C, dtype=dtype).transpose(1, 2)
+        return empty(N, C, D, dtype=dtype)
+
+    def fwd(N, C, D, dtype, flags, sigmoid=False, layout="ncd"):
+        x = ncd(N, C, D, dtype, layout)
+        t = ncd(N, C, D, dtype, layout) if sigmoid else empty(N, D, dtype=torch.int64)
+        return lambda: dice.dice_fwd(x, t, -100, sigmoid, *flags)
+
+    def bwd(N, C, D, dtype, flags, sigmoid=False, layout="ncd"):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        x = ncd(N, C, D, dtype, layout)
+        t = ncd(N, C, D, dtype, layout) if sigmoid else empty(N, D, dtype=torch.int64)
+        gs = empty(N, C, 5, dtype=acc)
+        lse = empty(0, dtype=acc) if sigmoid else empty(N, D, dtype=acc)
+        return lambda: dice.dice_bwd(gs, x, t, lse, -100, sigmoid, *flags)
+
+    softmax_flags = {"plain": (False, False, False), "sq": (True, False, False),
+                     "ce": (False, True, False), "ce+smoothing": (False, True, True),
+                     "sq+ce+smoothing": (True, True, True)}
+    sigmoid_flags = {"sigmoid": (False, False, False), "sigmoid sq": (True, False, False)}
+    if quick:
+        softmax_flags = {k: softmax_flags[k] for k in ("plain", "sq+ce+smoothing")}
+        sigmoid_flags = {"sigmoid": sigmoid_flags["sigmoid"]}
+    shapes = {"seg (8,19,512^2)": (8, 19, 512 * 512), "vol (2,14,128^3)": (2, 14, 128**3)}
+    if quick:
+        del shapes["vol (2,14,128^3)"]
+    dtypes = {"bf16": torch.bfloat16} if quick else {"fp32": torch.float32,
+                                                      "bf16": torch.bfloat16}
+    for dname, dt in dtypes.items():
+        for sname, (N, C, D) in shapes.items():
+            for fname, flags in softmax_flags.items():
+                yield f"Dice fwd {sname} {dname} {fname}", fwd(N, C, D, dt, flags), "ld"
+                yield f"Dice bwd {sname} {dname} {fname}", bwd(N, C, D, dt, flags), "ld+st"
+            for fname, flags in sigmoid_flags.items():
+                yield (f"Dice fwd {sname} {dname} {fname}",
+                       fwd(N, C, D, dt, flags, sigmoid=True), "ld")
+                yield (f"Dice bwd {sname} {dname} {fname}",
+                       bwd(N, C, D, dt, flags, sigmoid=True), "ld+st")
+            cl = softmax_flags["sq+ce+smoothing"]
+            yield (f"Dice fwd {sname} channels-last {dname}",
+                   fwd(N, C, D, dt, cl, layout="channels_last"), "")
+            yield (f"Dice bwd {sname} channels-last {dname}",
+                   bwd(N, C, D, dt, cl, layout="channels_last"), "")
+    if quick:
+        return
+    for C in (95, 200):
+        for fname in ("plain", "sq+ce+smoothing"):
+            flags = softmax_flags[fname]
+            yield f"Dice fwd C={C} (2,{C},64^3) bf16 {fname}", fwd(2, C, 64**3, torch.bfloat16,
+                                                                     flags), "ld"
+            yield f"Dice bwd C={C} (2,{C},64^3) bf16 {fname}", bwd(2, C, 64**3, torch.bfloat16,
+                                                                     flags), "ld+st"
+    yield "Dice fwd (2,4,96^3) fp64 ce", fwd(2, 4, 96**3, torch.float64, (False, True, True)), \
+        "ld"
+    yield "Dice bwd (2,4,96^3) fp64 ce", bwd(2, 4, 96**3, torch.float64, (False, True, True)), \
+        "ld+st"
+    yield "Dice fwd N*D=2^31 (1,19,2^31) bf16", fwd(1, 19, 2**31, torch.bfloat16,
+                                                    (False, True, True)), "ld"
+    yield "Dice bwd N*D=2^31 (1,19,2^31) bf16", bwd(1, 19, 2**31, torch.bfloat16,
+                                                    (False, True, True)), "ld+st"
+    yield "Dice bwd N*D=2^31 (8,16,2^28) bf16 sigmoid", bwd(8, 16, 2**28, torch.bfloat16,
+                                                            (False, False, False), True), "ld+st"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -419,7 +499,7 @@ def compile_job(index):
 def writes_tile(launch):
     """Whether the kernel stores a tile (a gradient), so that 128-bit stores are expected too."""
     names = launch.fn.arg_names
-    if launch.fn.fn.__name__ == "_scale_grad_kernel":
+    if launch.fn.fn.__name__ in ("_scale_grad_kernel", "_dice_bwd_kernel"):
         return True
     return "COMPUTE_GRAD" in names and bool(launch.constexprs.get((names.index("COMPUTE_GRAD"),)))
 
@@ -427,6 +507,8 @@ def writes_tile(launch):
 def checks_targets(launch):
     """Whether the kernel validates class indices, so its PTX must keep the device assertion."""
     names = launch.fn.arg_names
+    if launch.fn.fn.__name__ in ("_dice_fwd_kernel", "_dice_bwd_kernel"):
+        return not launch.constexprs.get((names.index("SIGMOID"),))
     return launch.fn.fn.__name__ == "_cross_entropy_fwd_kernel" and not launch.constexprs.get(
         (names.index("PROB_TARGET"),))
 
