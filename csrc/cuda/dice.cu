@@ -19,10 +19,10 @@
 //
 // Forward, per unit:
 //   softmax pass 1  each thread reads its positions' targets (checked: ignore_index -> ignored;
-//                   outside [0, C) -> CUDA_KERNEL_ASSERT, and the position's lse is NaN where
-//                   device asserts are compiled out; a target is only ever compared with c, never
-//                   used as an address) and their C logits, folding them into K online logsumexp
-//                   states (dice::lse_step, one exp per logit), and stores lse (N, D).
+//                   outside [0, C) -> the device assert's message, then a trap; a target is only
+//                   ever compared with c, never used as an address, so nothing is read out of
+//                   bounds before the check) and their C logits, folding them into K online
+//                   logsumexp states (dice::lse_step, one exp per logit), and stores lse (N, D).
 //   pass 2          in chunks of 32 classes: for each class c the thread adds its positions' terms
 //                   (I = p [c == y], P = p or p^2, G = [c == y], NLL = (lse - z) [c == y],
 //                   SM = lse - z; sigmoid: p g, p or p^2, g or g^2), the warp all-reduces them
@@ -93,7 +93,8 @@ constexpr int64_t dice_tile() {
 
 // The class code of a position: its class in [0, C), or one of these.
 constexpr int kNoClass = -1;    // ignored, or past the end of the row (d >= D)
-constexpr int kBadClass = -2;   // target outside [0, C) and not ignore_index (asserted)
+constexpr int kBadClass = -2;   // target outside [0, C) and not ignore_index (trapped; its lse
+                                // is NaN, so no number comes out of it if the trap is ever lifted)
 
 template <typename scalar_t, typename acc_t>
 struct DiceArgs {
