@@ -157,6 +157,35 @@ __device__ __forceinline__ void store_run(T* p, int64_t stride, int count, bool 
   }
 }
 
+// Depth of the class-sweep load pipeline: the loads of the next kSweepAhead classes are in flight
+// while one class is processed (the first sweep over a position's logits comes from DRAM).
+constexpr int kSweepAhead = 3;
+
+// Calls f(c, z) for c = 0 .. C - 1 in order, z the thread's K positions' logits of class c
+// (load_run of xp + c * xC), the loads running kSweepAhead classes ahead.
+template <int K, typename T, typename F>
+__device__ __forceinline__ void class_sweep(const T* xp, int64_t xC, int64_t xD, int count,
+                                            bool vec, int64_t C, F&& f) {
+  constexpr int A = kSweepAhead;
+  T q[A][K];
+#pragma unroll
+  for (int i = 0; i < A; ++i) {
+    if (i < C) load_run<K>(xp + i * xC, xD, count, vec, q[i]);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    T z[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) z[k] = q[0][k];
+#pragma unroll
+    for (int i = 0; i + 1 < A; ++i) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) q[i][k] = q[i + 1][k];
+    }
+    if (c + A < C) load_run<K>(xp + (c + A) * xC, xD, count, vec, q[A - 1]);
+    f(c, z);
+  }
+}
+
 // A target outside [0, C) that is not ignore_index: the device assert (its message), then a trap.
 // Out of line and noreturn, so that the kernels keep no values alive across the call (an inline
 // assert's call made the float64 backward spill on sm_90).
@@ -236,12 +265,10 @@ __global__ void __launch_bounds__(kDiceThreads)
         m[k] = -INFINITY;
         s[k] = acc_t(0);
       }
-      for (int64_t c = 0; c < a.C; ++c) {
-        scalar_t z[K];
-        load_run<K>(xp + c * a.xC, a.xD, count, xv, z);
+      class_sweep<K>(xp, a.xC, a.xD, count, xv, a.C, [&](int64_t, const scalar_t(&z)[K]) {
 #pragma unroll
         for (int k = 0; k < K; ++k) dice::lse_step(m[k], s[k], static_cast<acc_t>(z[k]));
-      }
+      });
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         lse[k] = cls[k] == kBadClass ? acc_t(NAN) : m[k] + fl_log(s[k]);
@@ -403,12 +430,10 @@ __global__ void __launch_bounds__(kDiceThreads)
       acc_t sv[K], gnll[K];
 #pragma unroll
       for (int k = 0; k < K; ++k) sv[k] = gnll[k] = acc_t(0);
-      for (int64_t c = 0; c < a.C; ++c) {
+      class_sweep<K>(xp, a.xC, a.xD, count, xv, a.C, [&](int64_t c, const scalar_t(&z)[K]) {
         const acc_t gI = gs[c * kSums + kI];
         const acc_t gP = gs[c * kSums + kP];
         const acc_t gN = use_nll ? gs[c * kSums + kNLL] : acc_t(0);
-        scalar_t z[K];
-        load_run<K>(xp + c * a.xC, a.xD, count, xv, z);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           const acc_t p = fl_exp(static_cast<acc_t>(z[k]) - lse[k]);
@@ -416,7 +441,7 @@ __global__ void __launch_bounds__(kDiceThreads)
           sv[k] += p * dice::softmax_u(p, tgt, gI, gP, sq);
           if (tgt) gnll[k] = gN;
         }
-      }
+      });
       // Sweep 2: the gradient.
       for (int64_t c = 0; c < a.C; ++c) {
         const acc_t gI = gs[c * kSums + kI];
