@@ -41,5 +41,40 @@ FL_HOST_DEVICE T sigmoid_grad(T p, T q, T g, T gI, T gP, bool squared_pred) {
   return p * q * (gI * g + gP * (squared_pred ? T(2) * p : T(1)));
 }
 
+// One value x folded into an online logsumexp state (m = max so far, s = sum exp(x - m)) with a
+// single exp: the larger of (m, x) is the new max and the other's term is exp(-|x - m|). Starts
+// from m = -inf, s = 0; a -inf value adds nothing (both -inf would make exp(NaN)); a NaN value
+// makes s NaN (and the lse m + log s NaN). lse = m + log(s).
+template <typename T>
+FL_HOST_DEVICE void lse_step(T& m, T& s, T x) {
+  if (x == -T(INFINITY)) return;
+  const T t = x - m;
+  const bool up = t > T(0);
+  const T e = fl_exp(up ? -t : t);
+  s = up ? s * e + T(1) : s + e;
+  m = up ? x : m;
+}
+
+// 1 / x for x in [1, 2] (or NaN). On the device, float takes the fast reciprocal (__fdividef,
+// about 1 ulp here): the IEEE division's slow path for denormal / huge operands, which cannot occur
+// in this range, is a called subroutine that made the CUDA sigmoid kernel spill.
+template <typename T>
+FL_HOST_DEVICE T recip_1_2(T x) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == sizeof(float)) return __fdividef(T(1), x);
+#endif
+  return T(1) / x;
+}
+
+// p = sigmoid(z) and q = sigmoid(-z) = 1 - p, each without cancellation, with one exp.
+template <typename T>
+FL_HOST_DEVICE void sigmoid_pq(T z, T& p, T& q) {
+  const T e = fl_exp(z >= T(0) ? -z : z);  // exp(-|z|); NaN for NaN z
+  const T r = recip_1_2(T(1) + e);
+  const bool pos = z >= T(0);
+  p = pos ? r : e * r;
+  q = pos ? e * r : r;
+}
+
 }  // namespace dice
 }  // namespace fusedloss
