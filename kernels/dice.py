@@ -223,13 +223,18 @@ def _dice_fwd_kernel(
 
 @triton.jit
 def _softmax_chunk(x_ptr, n, d, cols, x_stride_n, x_stride_c, x_stride_d, row_mask, C, lse, y,
-                   gs_row, ACC_DTYPE: tl.constexpr, SQUARED_PRED: tl.constexpr):
+                   gs_row, ACC_DTYPE: tl.constexpr, SQUARED_PRED: tl.constexpr,
+                   OWN_LSE: tl.constexpr = False):
     """One class chunk of a softmax tile: (x's p, u, hit, mask, the chunk's s = sum_c p_c u_c
     and gNLL[y] per position). gs_row: grad_sums of row n (int64-offset pointer)."""
     col_mask = cols < C
     mask = row_mask[:, None] & col_mask[None, :]
     x = _load_tile(x_ptr, n, d, cols, x_stride_n, x_stride_c, x_stride_d, mask, float("-inf"),
                    ACC_DTYPE)
+    if OWN_LSE:  # every class in this tile: the logsumexp from the registers, none saved
+        m = tl.max(x, axis=1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        lse = m_safe + tl.log(tl.sum(tl.exp(x - m_safe[:, None]), axis=1))
     p = tl.exp(x - lse[:, None])
     g_i = tl.load(gs_row + cols * 5 + 0, mask=col_mask, other=0.0).to(ACC_DTYPE)
     g_p = tl.load(gs_row + cols * 5 + 1, mask=col_mask, other=0.0).to(ACC_DTYPE)
@@ -276,6 +281,7 @@ def _dice_bwd_kernel(
     WITH_SMOOTHING: tl.constexpr,
     REPORT_ERRORS: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
+    LSE_SAVED: tl.constexpr = True,
 ):
     pid = tl.program_id(0).to(tl.int64)
     chunk = pid % num_chunks  # sigmoid: class chunks are programs; softmax: num_chunks == 1
@@ -307,7 +313,10 @@ def _dice_bwd_kernel(
         y, ignored, y_ok = _class_target(t_ptr, n * t_stride_n + d * t_stride_d, row_mask,
                                          ignore_index, C, err_ptr, REPORT_ERRORS)
         keep = row_mask & (ignored == 0)
-        lse = tl.load(lse_ptr + n * D + d, mask=row_mask, other=0.0).to(ACC_DTYPE)
+        if LSE_SAVED:
+            lse = tl.load(lse_ptr + n * D + d, mask=row_mask, other=0.0).to(ACC_DTYPE)
+        else:  # ONE_CHUNK: _softmax_chunk takes it from the tile
+            lse = tl.zeros([BLOCK_ROWS], ACC_DTYPE)
         g_row = grad_ptr + n * grad_stride_n + d * grad_stride_d
         cols0 = tl.arange(0, BLOCK_C).to(tl.int64)
         sum_gsm = tl.zeros([], ACC_DTYPE)
@@ -321,7 +330,7 @@ def _dice_bwd_kernel(
             col_mask = cols < C
             p, u, hit, mask, s = _softmax_chunk(
                 x_ptr, n, d, cols, x_stride_n, x_stride_c, x_stride_d, row_mask, C, lse, y,
-                gs_row, ACC_DTYPE, SQUARED_PRED)
+                gs_row, ACC_DTYPE, SQUARED_PRED, not LSE_SAVED)
             g_nll_y = tl.zeros([BLOCK_ROWS], ACC_DTYPE)
             if WITH_CE:
                 g_nll = tl.load(gs_row + cols * 5 + 3, mask=col_mask, other=0.0).to(ACC_DTYPE)
@@ -464,22 +473,26 @@ def dice_fwd(input, target, ignore_index: int, sigmoid: bool, squared_pred: bool
 def dice_bwd(grad_sums, input, target, lse, ignore_index: int, sigmoid: bool,
              squared_pred: bool, with_ce: bool, with_smoothing: bool):
     """d(sum(grad_sums * sums))/d(input): input's shape and dtype, input's strides when input is
-    non-overlapping and dense (torch.empty_like), else contiguous."""
+    non-overlapping and dense (torch.empty_like), else contiguous. An empty ``lse`` (softmax
+    mode): the logsumexp is recomputed, from the registers when one tile holds every class, else
+    by the skeleton's pre-pass (a transient N*D, at most 1.6% of bf16 logits past 128 classes)."""
     _check_args(input, target, sigmoid, with_ce, with_smoothing, "dice_bwd")
     N, C, D = input.shape
     acc = _acc_dtype(input.dtype)
     if grad_sums.shape != (N, C, NUM_SUMS):
         raise ValueError(f"dice_bwd: grad_sums must have shape {(N, C, NUM_SUMS)}, got "
                          f"{tuple(grad_sums.shape)}")
-    if not sigmoid and lse.shape != (N, D):
+    if not sigmoid and lse.numel() != 0 and lse.shape != (N, D):
         raise ValueError(f"dice_bwd: lse must have shape {(N, D)}, got {tuple(lse.shape)}")
     grad = torch.empty_like(input)
     if N * C * D == 0:
         return grad
     gs = grad_sums.to(acc).contiguous()
-    lse = lse.to(acc).contiguous() if not sigmoid else gs  # unused pointer in sigmoid mode
-
     block_c, num_chunks, block_rows, num_warps = _tiles(C, D, input.dtype, sigmoid, False)
+    lse_saved = sigmoid or lse.numel() != 0
+    if not lse_saved and num_chunks > 1:  # too many classes for one tile: the pre-pass
+        lse, lse_saved = logsumexp_fwd(input), True
+    lse = lse.to(acc).contiguous() if not sigmoid and lse.numel() else gs  # unused pointer
     tiles_per_n = triton.cdiv(D, block_rows)
     grid_chunks = num_chunks if sigmoid else 1
     grid = _check_grid((N * tiles_per_n * grid_chunks,), "dice_bwd")
@@ -505,6 +518,7 @@ def dice_bwd(grad_sums, input, target, lse, ignore_index: int, sigmoid: bool,
             WITH_SMOOTHING=bool(with_smoothing),
             REPORT_ERRORS=report,
             EMULATE_RTNE=_INTERPRETED,
+            LSE_SAVED=lse_saved,
             num_warps=num_warps,
             sanitize_overflow=False,
         )

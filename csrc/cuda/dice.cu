@@ -414,8 +414,23 @@ __global__ void __launch_bounds__(kDiceThreads)
       }
     } else {
       acc_t lse[K];
-      load_run<K>(static_cast<const acc_t*>(a.lse) + n * a.D + d0, 1, count, a.lse_vec && full,
-                  lse);
+      if (a.lse != nullptr) {
+        load_run<K>(static_cast<const acc_t*>(a.lse) + n * a.D + d0, 1, count,
+                    a.lse_vec && full, lse);
+      } else {  // none saved (the Python layer's default): the forward's pass 1 again
+        acc_t m[K], s[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          m[k] = -INFINITY;
+          s[k] = acc_t(0);
+        }
+        class_sweep<K>(xp, a.xC, a.xD, count, xv, a.C, [&](int64_t, const scalar_t(&z)[K]) {
+#pragma unroll
+          for (int k = 0; k < K; ++k) dice::lse_step(m[k], s[k], static_cast<acc_t>(z[k]));
+        });
+#pragma unroll
+        for (int k = 0; k < K; ++k) lse[k] = m[k] + fl_log(s[k]);
+      }
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         if (cls[k] == kBadClass) lse[k] = acc_t(NAN);
@@ -619,7 +634,8 @@ at::Tensor dice_bwd_cuda(const at::Tensor& grad_sums, const at::Tensor& input,
               ", input on ", input.device());
   TORCH_CHECK(grad_sums.is_floating_point(), op, ": grad_sums must be floating, got ",
               grad_sums.scalar_type());
-  if (!sigmoid) {
+  const bool lse_saved = !sigmoid && lse.numel() != 0;  // empty: recomputed per position
+  if (lse_saved) {
     TORCH_CHECK(lse.dim() == 2 && lse.size(0) == N && lse.size(1) == D, op,
                 ": lse must have shape (N, D) = (", N, ", ", D, "), got ", lse.sizes());
     TORCH_CHECK(lse.scalar_type() == acc, op, ": lse must be ", acc, ", got ",
@@ -633,7 +649,7 @@ at::Tensor dice_bwd_cuda(const at::Tensor& grad_sums, const at::Tensor& input,
   if (N == 0 || D == 0) return grad;
   // Small (N, C, 5) and (N, D) operands made canonical (device ops, no sync).
   const at::Tensor gs = grad_sums.to(acc).contiguous();
-  const at::Tensor lse_c = sigmoid ? lse : lse.contiguous();
+  const at::Tensor lse_c = lse_saved ? lse.contiguous() : lse;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t max_blocks = static_cast<int64_t>(sm_count(input.device().index())) *
                              kDiceBlocksPerSm;
@@ -644,8 +660,8 @@ at::Tensor dice_bwd_cuda(const at::Tensor& grad_sums, const at::Tensor& input,
     DiceArgs<scalar_t, acc_t> a = dice_args<scalar_t, acc_t>(
         input, target, ignore_index, sigmoid, squared_pred, with_ce, with_smoothing);
     a.gs = gs.const_data_ptr<acc_t>();
-    if (!sigmoid) {
-      // Read only by the backward kernel.
+    a.lse = nullptr;  // the kernel recomputes each position's logsumexp
+    if (lse_saved) {
       a.lse = const_cast<acc_t*>(lse_c.const_data_ptr<acc_t>());
       a.lse_vec = rows_vec(a.lse, sizeof(acc_t), 1, N, D, 1, 0);
     }
