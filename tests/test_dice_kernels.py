@@ -105,7 +105,7 @@ def check(x, t, flags, ignore_index=-100, what=""):
     k for k, v in zip(("sigmoid", "sq", "ce", "sm"), f) if v) or "plain")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_flags(flags, dtype):
-    for n, c, d in [(2, 5, 37), (1, 19, 300), (3, 2, 1)]:
+    for n, c, d in [(2, 5, 37), (1, 19, 300), (3, 2, 1), (37, 6, 1)]:
         x = logits(n, c, d, dtype)
         check(x, make_target(x, flags[0]), flags, what=f"({n}, {c}, {d})")
 
@@ -120,7 +120,7 @@ def test_half(dtype, flags):
         check(channels_last(x), make_target(x, flags[0]), flags, what=f"{dtype} channels_last")
 
 
-SHAPES = [(1, 4, 1), (5, 3, 1), (1, 2, 31), (2, 19, 65), (2, 70, 45), (1, 150, 70), (1, 19, 5000),
+SHAPES = [(1, 4, 1), (5, 3, 1), (70, 19, 1), (1, 2, 31), (2, 19, 65), (2, 70, 45), (1, 150, 70), (1, 19, 5000),
           (2, 70, 1100), (1, 2, 4097)]
 
 
@@ -346,7 +346,7 @@ ops = torch.ops.fusedloss_C
 flags_all = [(False, sq, ce, sm) for sq, ce, sm in itertools.product([False, True], repeat=3)]
 flags_all += [(True, False, False, False), (True, True, False, False)]
 for (n, c, d), dtype, flags in itertools.product(
-        [(2, 5, 37), (1, 19, 2100), (2, 70, 9)], [torch.float64, torch.float32, torch.bfloat16],
+        [(2, 5, 37), (1, 19, 2100), (2, 70, 9), (40, 5, 1)], [torch.float64, torch.float32, torch.bfloat16],
         flags_all):
     sigmoid, sq, ce, sm = flags
     base = (torch.randn(n, c, d, dtype=torch.float64) * 3).to(dtype)

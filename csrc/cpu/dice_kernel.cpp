@@ -26,6 +26,8 @@
 //    s = sum_c p_c u_c (dice.h softmax_u_w) over the staged tile, then
 //    dz_c = dice::softmax_grad_w(...) written through the gradient's strides (vector stores, or
 //    a transposing scatter); ignored positions exactly 0, a non-finite lse NaN.
+//  - D == 1 (a row n per position): tiles of consecutive n instead (fwd_rows, bwd_rows), each
+//    lane's terms stored straight into sums[n]; no blocks.
 //  - Sigmoid mode: the same tiles, per class p = sigmoid(z) (from exp(-|z|): no overflow, no
 //    cancellation) and the float target; no staging (each element stands alone).
 //
@@ -317,6 +319,96 @@ void sigmoid_fwd(const DiceArgs& a) {
   });
 }
 
+// D == 1: every position is a row n of its own, so its terms are its sums. Tiles of PR consecutive
+// n (position stride in_sn) instead of one lane per tile and block: no reduction, each lane's
+// terms stored straight into sums[n] (a (N, C) input runs at a softmax's pace).
+template <typename T, bool SIG, bool SQ, bool NLL>
+void fwd_rows(const DiceArgs& a) {
+  using TL = Tiles<T>;
+  using A = typename TL::A;
+  using V = typename TL::V;
+  constexpr int64_t PR = TL::PR, VS = TL::VS;
+  const int64_t N = a.N, C = a.C;
+  const int64_t tiles = (N + PR - 1) / PR;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / (C * PR));
+  const T* x = static_cast<const T*>(a.input);
+  A* sums = static_cast<A*>(a.sums);
+  A* lse_out = static_cast<A*>(a.lse_out);
+  const bool ce = a.with_ce, smooth = a.with_smoothing;
+  const int64_t ii = a.ignore_index;
+
+  at::parallel_for(0, tiles, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<A> xsv(SIG ? 0 : C * PR), esv(NLL ? C * PR : 0);
+    [[maybe_unused]] A* xs = xsv.data();
+    [[maybe_unused]] A* es = NLL ? esv.data() : xs;
+    [[maybe_unused]] alignas(64) A yb[PR], lb[PR];
+    alignas(64) A ob[kSums][PR];
+    [[maybe_unused]] const V one(1), nan(kNaN<A>), inf(kInf<A>);
+    const V zero(0);
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t n0 = it * PR, np = std::min(PR, N - n0);
+      A* so = sums + n0 * C * kSums;
+      auto put = [&](int64_t c, int k, const V& v0, const V& v1) {
+        v0.store(ob[k]);
+        v1.store(ob[k] + VS);
+        for (int64_t l = 0; l < np; ++l) so[(l * C + c) * kSums + k] = ob[k][l];
+      };
+      if constexpr (SIG) {
+        const T* xb = x + n0 * a.in_sn;
+        const T* tb = static_cast<const T*>(a.target) + n0 * a.t_sn;
+        for (int64_t c = 0; c < C; ++c) {
+          V x0, x1, t0, t1, p0, p1, q0, q1;
+          TL::load(xb + c * a.in_sc, a.in_sn, np, x0, x1);
+          TL::load(tb + c * a.t_sc, a.t_sn, np, t0, t1);
+          vsigmoid(x0, p0, q0);
+          vsigmoid(x1, p1, q1);
+          put(c, kI, p0 * t0, p1 * t1);
+          put(c, kP, dice::pred_term(p0, SQ), dice::pred_term(p1, SQ));
+          put(c, kG, dice::pred_term(t0, SQ), dice::pred_term(t1, SQ));
+          put(c, kNLL, zero, zero);
+          put(c, kSM, zero, zero);
+        }
+      } else {
+        TL::targets(static_cast<const int64_t*>(a.target) + n0 * a.t_sn, a.t_sn, np, C, ii, yb);
+        const V y0 = V::loadu(yb), y1 = V::loadu(yb + VS);
+        const V valid0 = y0 >= zero, valid1 = y1 >= zero;
+        V m0, m1;
+        TL::stage(x + n0 * a.in_sn, C, a.in_sc, a.in_sn, np, xs, m0, m1);
+        V s0(0), s1(0);
+        for (int64_t c = 0; c < C; ++c) {
+          const V e0 = vexp(V::loadu(xs + c * PR) - m0), e1 = vexp(V::loadu(xs + c * PR + VS) - m1);
+          s0 = s0 + e0;
+          s1 = s1 + e1;
+          e0.store(es + c * PR);
+          e1.store(es + c * PR + VS);
+        }
+        const V bad0 = (m0 != m0) | (m0 == inf), bad1 = (m1 != m1) | (m1 == inf);
+        const V ls0 = V::blendv(s0.log(), nan, bad0), ls1 = V::blendv(s1.log(), nan, bad1);
+        const V inv0 = V::blendv(one / s0, nan, bad0), inv1 = V::blendv(one / s1, nan, bad1);
+        (m0 + ls0).store(lb);
+        (m1 + ls1).store(lb + VS);
+        std::copy(lb, lb + np, lse_out + n0);
+        for (int64_t c = 0; c < C; ++c) {
+          const V cf(static_cast<A>(c));
+          const V oh0 = y0 == cf, oh1 = y1 == cf;
+          const V p0 = (V::loadu(es + c * PR) * inv0) & valid0;
+          const V p1 = (V::loadu(es + c * PR + VS) * inv1) & valid1;
+          put(c, kI, p0 & oh0, p1 & oh1);
+          put(c, kP, dice::pred_term(p0, SQ), dice::pred_term(p1, SQ));
+          put(c, kG, one & oh0, one & oh1);
+          V nl0 = zero, nl1 = zero;
+          if constexpr (NLL) {
+            nl0 = (m0 - V::loadu(xs + c * PR)) + ls0;
+            nl1 = (m1 - V::loadu(xs + c * PR + VS)) + ls1;
+          }
+          put(c, kNLL, ce ? (nl0 & oh0) : zero, ce ? (nl1 & oh1) : zero);
+          put(c, kSM, smooth ? (nl0 & valid0) : zero, smooth ? (nl1 & valid1) : zero);
+        }
+      }
+    }
+  });
+}
+
 // The partials of each n, added in block order (in double), into sums (N, C, kSums).
 template <typename A>
 void combine_partials(const DiceArgs& a) {
@@ -340,6 +432,18 @@ void combine_partials(const DiceArgs& a) {
 template <typename T>
 void fwd_typed(const DiceArgs& a) {
   using A = acc_t<T>;
+  if (a.D == 1) {
+    with_bool(a.squared_pred, [&](auto sq) {
+      if (a.sigmoid) {
+        fwd_rows<T, true, decltype(sq)::value, false>(a);
+      } else {
+        with_bool(a.with_ce || a.with_smoothing, [&](auto nll) {
+          fwd_rows<T, false, decltype(sq)::value, decltype(nll)::value>(a);
+        });
+      }
+    });
+    return;
+  }
   if (a.sigmoid) {
     with_bool(a.squared_pred, [&](auto sq) { sigmoid_fwd<T, decltype(sq)::value>(a); });
   } else {
@@ -489,10 +593,125 @@ void sigmoid_bwd(const DiceArgs& a) {
   });
 }
 
+// D == 1 (see fwd_rows): tiles of PR consecutive n; each lane has its own upstream gradients,
+// transposed once per tile into [c][lane] like the logits.
+template <typename T, bool SIG, bool SQ>
+void bwd_rows(const DiceArgs& a) {
+  using TL = Tiles<T>;
+  using A = typename TL::A;
+  using V = typename TL::V;
+  constexpr int64_t PR = TL::PR, VS = TL::VS;
+  const int64_t N = a.N, C = a.C;
+  const int64_t tiles = (N + PR - 1) / PR;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / (C * PR));
+  const T* x = static_cast<const T*>(a.input);
+  const A* gsums = static_cast<const A*>(a.grad_sums);
+  const A* lse = static_cast<const A*>(a.lse_in);
+  T* g = static_cast<T*>(a.grad);
+  const bool ce = a.with_ce, smooth = a.with_smoothing;
+  const int64_t ii = a.ignore_index;
+  constexpr int kCoef = 3;  // I, P, SM
+  constexpr int kIdx[kCoef] = {kI, kP, kSM};
+
+  at::parallel_for(0, tiles, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<A> xsv(SIG ? 0 : C * PR), cfv(kCoef * C * PR);
+    [[maybe_unused]] A* xs = xsv.data();
+    A* cf = cfv.data();  // [k][c][lane]
+    [[maybe_unused]] alignas(64) A yb[PR], lb[PR], gnb[PR], sgb[PR];
+    [[maybe_unused]] const V zero(0), one(1), nan(kNaN<A>), inf(kInf<A>);
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t n0 = it * PR, np = std::min(PR, N - n0);
+      const A* gS0 = gsums + n0 * C * kSums;
+      for (int64_t l = 0; l < PR; ++l) {
+        for (int k = 0; k < kCoef; ++k) {
+          A* dst = cf + k * C * PR + l;
+          if (l < np && (k != 2 || smooth)) {
+            for (int64_t c = 0; c < C; ++c) dst[c * PR] = gS0[(l * C + c) * kSums + kIdx[k]];
+          } else {
+            for (int64_t c = 0; c < C; ++c) dst[c * PR] = A(0);
+          }
+        }
+      }
+      auto coef = [&](int k, int64_t c, int h) { return V::loadu(cf + (k * C + c) * PR + h * VS); };
+      T* gb = g + n0 * a.g_sn;
+      if constexpr (SIG) {
+        const T* xb = x + n0 * a.in_sn;
+        const T* tb = static_cast<const T*>(a.target) + n0 * a.t_sn;
+        for (int64_t c = 0; c < C; ++c) {
+          V x0, x1, t0, t1, p0, p1, q0, q1;
+          TL::load(xb + c * a.in_sc, a.in_sn, np, x0, x1);
+          TL::load(tb + c * a.t_sc, a.t_sn, np, t0, t1);
+          vsigmoid(x0, p0, q0);
+          vsigmoid(x1, p1, q1);
+          TL::store(gb + c * a.g_sc, a.g_sn, np,
+                    dice::sigmoid_grad(p0, q0, t0, coef(0, c, 0), coef(1, c, 0), SQ),
+                    dice::sigmoid_grad(p1, q1, t1, coef(0, c, 1), coef(1, c, 1), SQ));
+        }
+      } else {
+        TL::targets(static_cast<const int64_t*>(a.target) + n0 * a.t_sn, a.t_sn, np, C, ii, yb);
+        for (int64_t l = 0; l < PR; ++l) {
+          lb[l] = l < np ? lse[n0 + l] : A(0);
+          gnb[l] = ce && yb[l] >= A(0)
+                       ? gS0[(l * C + static_cast<int64_t>(yb[l])) * kSums + kNLL] : A(0);
+          A sg = 0;
+          if (smooth && l < np) {
+            for (int64_t c = 0; c < C; ++c) sg += gS0[(l * C + c) * kSums + kSM];
+          }
+          sgb[l] = sg;
+        }
+        const V y0 = V::loadu(yb), y1 = V::loadu(yb + VS);
+        const V valid0 = y0 >= zero, valid1 = y1 >= zero;
+        const V L0 = V::loadu(lb), L1 = V::loadu(lb + VS);
+        const V gn0 = V::loadu(gnb), gn1 = V::loadu(gnb + VS);
+        const V sg0 = V::loadu(sgb), sg1 = V::loadu(sgb + VS);
+        const V bad0 = (L0 != L0) | (L0.abs() == inf), bad1 = (L1 != L1) | (L1.abs() == inf);
+        const T* xb = x + n0 * a.in_sn;
+        if (a.in_sn != 1) {
+          TL::gather(xb, C, a.in_sc, a.in_sn, np, xs);
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            V v0, v1;
+            TL::load(xb + c * a.in_sc, 1, np, v0, v1);
+            v0.store(xs + c * PR);
+            v1.store(xs + c * PR + VS);
+          }
+        }
+        V s0(0), s1(0);
+        for (int64_t c = 0; c < C; ++c) {
+          const V cv(static_cast<A>(c));
+          const V p0 = vexp(V::loadu(xs + c * PR) - L0), p1 = vexp(V::loadu(xs + c * PR + VS) - L1);
+          p0.store(xs + c * PR);
+          p1.store(xs + c * PR + VS);
+          s0 = s0 + p0 * dice::softmax_u_w(p0, one & (y0 == cv), coef(0, c, 0), coef(1, c, 0), SQ);
+          s1 = s1 + p1 * dice::softmax_u_w(p1, one & (y1 == cv), coef(0, c, 1), coef(1, c, 1), SQ);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const V cv(static_cast<A>(c));
+          const V p0 = V::loadu(xs + c * PR), p1 = V::loadu(xs + c * PR + VS);
+          const V t0 = one & (y0 == cv), t1 = one & (y1 == cv);
+          V g0 = dice::softmax_grad_w(
+              p0, dice::softmax_u_w(p0, t0, coef(0, c, 0), coef(1, c, 0), SQ), s0, t0, gn0, sg0,
+              coef(2, c, 0));
+          V g1 = dice::softmax_grad_w(
+              p1, dice::softmax_u_w(p1, t1, coef(0, c, 1), coef(1, c, 1), SQ), s1, t1, gn1, sg1,
+              coef(2, c, 1));
+          g0 = V::blendv(g0, nan, bad0) & valid0;
+          g1 = V::blendv(g1, nan, bad1) & valid1;
+          TL::store(gb + c * a.g_sc, a.g_sn, np, g0, g1);
+        }
+      }
+    }
+  });
+}
+
 template <typename T>
 void bwd_typed(const DiceArgs& a) {
   with_bool(a.squared_pred, [&](auto sq) {
-    if (a.sigmoid) {
+    if (a.D == 1) {
+      with_bool(a.sigmoid, [&](auto sig) {
+        bwd_rows<T, decltype(sig)::value, decltype(sq)::value>(a);
+      });
+    } else if (a.sigmoid) {
       sigmoid_bwd<T, decltype(sq)::value>(a);
     } else {
       softmax_bwd<T, decltype(sq)::value>(a);
