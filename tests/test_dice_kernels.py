@@ -120,8 +120,8 @@ def test_half(dtype, flags):
         check(channels_last(x), make_target(x, flags[0]), flags, what=f"{dtype} channels_last")
 
 
-SHAPES = [(1, 4, 1), (5, 3, 1), (70, 19, 1), (1, 2, 31), (2, 19, 65), (2, 70, 45), (1, 150, 70), (1, 19, 5000),
-          (2, 70, 1100), (1, 2, 4097)]
+SHAPES = [(1, 4, 1), (5, 3, 1), (70, 19, 1), (1, 2, 31), (2, 19, 65), (2, 70, 45), (1, 150, 70),
+          (1, 19, 5000), (2, 70, 1100), (1, 2, 4097)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -346,8 +346,8 @@ ops = torch.ops.fusedloss_C
 flags_all = [(False, sq, ce, sm) for sq, ce, sm in itertools.product([False, True], repeat=3)]
 flags_all += [(True, False, False, False), (True, True, False, False)]
 for (n, c, d), dtype, flags in itertools.product(
-        [(2, 5, 37), (1, 19, 2100), (2, 70, 9), (40, 5, 1)], [torch.float64, torch.float32, torch.bfloat16],
-        flags_all):
+        [(2, 5, 37), (1, 19, 2100), (2, 70, 9), (40, 5, 1)],
+        [torch.float64, torch.float32, torch.bfloat16], flags_all):
     sigmoid, sq, ce, sm = flags
     base = (torch.randn(n, c, d, dtype=torch.float64) * 3).to(dtype)
     for x in (base, base.transpose(1, 2).contiguous().transpose(1, 2)):
@@ -377,3 +377,20 @@ def test_every_isa(cap):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     assert p.stdout.split()[-1].lower() == cap, p.stdout[-2000:]
+
+
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_streamed_gradient(sigmoid):
+    """A gradient of 32 MiB or more is written with streaming stores (whole aligned pairs): the
+    same values as the ordinary stores of a small call on a slice of the positions (each
+    position's gradient depends only on its logits, target, lse and its row's grad_sums)."""
+    n, c, d = 1, 4, 1 << 21  # 32 MiB of float32
+    x = logits(n, c, d, torch.float32)
+    t = make_target(x, sigmoid)
+    sums, lse, grad, gs = run(x, t, (sigmoid, True, not sigmoid, not sigmoid))
+    for a, b in [(0, 4096), (d // 2 + 64, d // 2 + 4096 + 64 + 5), (d - 3000, d)]:
+        ts = t[..., a:b].contiguous()
+        ls = lse if sigmoid else lse[:, a:b].contiguous()
+        g = OPS.dice_bwd(gs, x[..., a:b].contiguous(), ts, ls, -100, sigmoid, True,
+                         not sigmoid, not sigmoid)
+        assert torch.equal(g, grad[..., a:b])

@@ -160,6 +160,17 @@ struct Tiles {
   }
 };
 
+// Whether the gradient's whole-pair stores at positions d0 (multiples of the pair) may be
+// streaming stores: positions contiguous, every class and batch row vector-aligned, and a
+// gradient far beyond the caches (vec.h: no read-for-ownership of lines never read again).
+template <typename T>
+inline bool stream_grad(const DiceArgs& a) {
+  const T* g = static_cast<const T*>(a.grad);
+  return a.g_sd == 1 && stream_aligned(g) && stream_aligned(g + a.g_sn) &&
+         stream_aligned(g + a.g_sc) &&
+         a.N * a.C * a.D * int64_t(sizeof(T)) >= kStreamMinBytes;
+}
+
 // sigmoid(x) and sigmoid(-x) from e = exp(-|x|) (dice.h's p and q: no overflow, no 1 - p), NaN
 // propagating.
 template <typename V>
@@ -475,6 +486,7 @@ void softmax_bwd(const DiceArgs& a) {
   const bool ce = a.with_ce, smooth = a.with_smoothing;
   const int64_t ii = a.ignore_index;
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (C * PR));
+  const bool stream = stream_grad<T>(a);
 
   at::parallel_for(0, N * tiles, grain, [&](int64_t u0, int64_t u1) {
     std::vector<A> xsv(C * PR), gsv(a.g_sd == 1 ? 0 : C * PR);
@@ -541,7 +553,11 @@ void softmax_bwd(const DiceArgs& a) {
         g0 = V::blendv(g0, nan, bad0) & valid0;  // ignored positions: exactly 0
         g1 = V::blendv(g1, nan, bad1) & valid1;
         if (a.g_sd == 1) {
-          TL::store(gb + c * a.g_sc, 1, np, g0, g1);
+          if (stream && np == PR) {
+            TL::IO::stream(gb + c * a.g_sc, g0, g1);
+          } else {
+            TL::store(gb + c * a.g_sc, 1, np, g0, g1);
+          }
         } else {
           g0.store(gs + c * PR);
           g1.store(gs + c * PR + VS);
@@ -554,6 +570,7 @@ void softmax_bwd(const DiceArgs& a) {
         }
       }
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -570,6 +587,7 @@ void sigmoid_bwd(const DiceArgs& a) {
   const A* gsums = static_cast<const A*>(a.grad_sums);
   T* g = static_cast<T*>(a.grad);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (C * PR));
+  const bool stream = stream_grad<T>(a);
 
   at::parallel_for(0, N * tiles, grain, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
@@ -586,10 +604,16 @@ void sigmoid_bwd(const DiceArgs& a) {
         TL::load(tb + c * a.t_sc, a.t_sd, np, t0, t1);
         vsigmoid(x0, p0, q0);
         vsigmoid(x1, p1, q1);
-        TL::store(gb + c * a.g_sc, a.g_sd, np, dice::sigmoid_grad(p0, q0, t0, gI, gP, SQ),
-                  dice::sigmoid_grad(p1, q1, t1, gI, gP, SQ));
+        const V g0 = dice::sigmoid_grad(p0, q0, t0, gI, gP, SQ);
+        const V g1 = dice::sigmoid_grad(p1, q1, t1, gI, gP, SQ);
+        if (stream && np == PR) {
+          TL::IO::stream(gb + c * a.g_sc, g0, g1);
+        } else {
+          TL::store(gb + c * a.g_sc, a.g_sd, np, g0, g1);
+        }
       }
     }
+    if (stream) stream_fence();
   });
 }
 
