@@ -3,11 +3,13 @@
 // instruction-set copy of the kernels (dice_kernel.cpp). Compiled without AVX flags; runs no vector
 // code.
 #include <ATen/ATen.h>
+#include <ATen/ExpandUtils.h>
 #include <fusedloss/dice.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 #include "buffers.h"
 #include "cpu_isa.h"
@@ -126,10 +128,16 @@ Tensor dice_bwd_cpu(const Tensor& grad_sums, const Tensor& input, const Tensor& 
     l = lse.contiguous();  // dice_fwd's own lse is
     a.lse_in = l.const_data_ptr();
   }
-  // torch.empty_like: input's strides when they are non-overlapping and dense (channels_last in,
-  // channels_last gradient out), else contiguous.
-  Tensor grad = at::empty_like(input, at::MemoryFormat::Preserve);
-  advise_huge_pages(grad);
+  // torch.empty_like's strides: input's when they are non-overlapping and dense (channels_last
+  // in, channels_last gradient out), else dense strides in input's stride order; the memory is
+  // the binding's reused gradient buffer (buffers.h: a fresh logits-sized buffer page-faults on
+  // every call), viewed with those strides.
+  static GradBufferSlot& slot = *new GradBufferSlot();  // never destroyed: no exit order
+  const std::vector<int64_t> strides =
+      input.is_non_overlapping_and_dense()
+          ? input.strides().vec()
+          : at::infer_dense_strides(input.sizes(), input.strides());
+  Tensor grad = slot.get({input.numel()}, input.options()).as_strided(input.sizes(), strides);
   a.grad_sums = gs.const_data_ptr();
   a.grad = grad.data_ptr();
   const NcdStrides g = ncd_strides(grad);
