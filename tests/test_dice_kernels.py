@@ -251,7 +251,8 @@ def test_nan(dtype):
     xn = x.clone()
     xn[1, 2, 11] = float("nan")
     xn[0, 3, 7] = float("nan")  # ignored position
-    sums, _, grad, _ = run(xn, t, flags, gs=gs)
+    sums, lse, grad, _ = run(xn, t, flags, gs=gs)
+    assert lse[0, 7] == 0  # an ignored position's lse: finite whatever its logits
     y = t[1, 11].item()
     nan = torch.zeros(2, 5, 5, dtype=torch.bool)
     nan[1, :, 1] = nan[1, :, 4] = True

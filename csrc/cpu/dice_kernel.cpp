@@ -252,8 +252,8 @@ void softmax_fwd(const DiceArgs& a) {
         const V bad0 = (m0 != m0) | (m0 == inf), bad1 = (m1 != m1) | (m1 == inf);
         const V ls0 = V::blendv(s0.log(), nan, bad0), ls1 = V::blendv(s1.log(), nan, bad1);
         const V inv0 = V::blendv(one / s0, nan, bad0), inv1 = V::blendv(one / s1, nan, bad1);
-        (m0 + ls0).store(lb);
-        (m1 + ls1).store(lb + VS);
+        V::blendv(zero, m0 + ls0, valid0).store(lb);  // ignored positions: 0 (finite)
+        V::blendv(zero, m1 + ls1, valid1).store(lb + VS);
         std::copy(lb, lb + np, lse_out + n * D + d0);
         for (int64_t c = 0; c < C; ++c) {
           const V cf(static_cast<A>(c));
@@ -396,8 +396,8 @@ void fwd_rows(const DiceArgs& a) {
         const V bad0 = (m0 != m0) | (m0 == inf), bad1 = (m1 != m1) | (m1 == inf);
         const V ls0 = V::blendv(s0.log(), nan, bad0), ls1 = V::blendv(s1.log(), nan, bad1);
         const V inv0 = V::blendv(one / s0, nan, bad0), inv1 = V::blendv(one / s1, nan, bad1);
-        (m0 + ls0).store(lb);
-        (m1 + ls1).store(lb + VS);
+        V::blendv(zero, m0 + ls0, valid0).store(lb);  // ignored positions: 0 (finite)
+        V::blendv(zero, m1 + ls1, valid1).store(lb + VS);
         std::copy(lb, lb + np, lse_out + n0);
         for (int64_t c = 0; c < C; ++c) {
           const V cf(static_cast<A>(c));
