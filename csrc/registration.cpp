@@ -83,4 +83,16 @@ TORCH_LIBRARY(fusedloss_C, m) {
       "softmax_focal_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? loss_scale, "
       "float gamma, int ignore_index, bool reduce, bool compute_grad) -> (Tensor loss, "
       "Tensor grad)");
+  // Dice / Tversky / Dice+CE (docs/KERNELS.md, "Dice"; math in csrc/include/fusedloss/dice.h):
+  // input (N, C, D), any strides; target int64 (N, D) class indices (softmax) or (N, C, D) of
+  // input's dtype (sigmoid). dice_fwd returns the per-(n, c) sums (N, C, 5) (I, P, G, NLL, SM) in
+  // the accumulation dtype, deterministic, and the per-position lse (N, D) (softmax; (0,) in
+  // sigmoid mode); dice_bwd the gradient of sum(grad_sums * sums) with respect to input, of
+  // input's shape, dtype and (non-overlapping and dense) strides.
+  m.def(
+      "dice_fwd(Tensor input, Tensor target, int ignore_index, bool sigmoid, bool squared_pred, "
+      "bool with_ce, bool with_smoothing) -> (Tensor sums, Tensor lse)");
+  m.def(
+      "dice_bwd(Tensor grad_sums, Tensor input, Tensor target, Tensor lse, int ignore_index, "
+      "bool sigmoid, bool squared_pred, bool with_ce, bool with_smoothing) -> Tensor");
 }

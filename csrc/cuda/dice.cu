@@ -214,14 +214,25 @@ __device__ __forceinline__ void load_classes(const DiceArgs<scalar_t, acc_t>& a,
   if (!ok) dice_bad_target();
 }
 
-// Butterfly all-reduce of S sums over a full warp (every lane ends with the same totals).
+// S sums as a reduction state for common.cuh's warp_allreduce (a butterfly: every lane ends with
+// the same totals, added in the same order on every call).
+template <int S, typename acc_t>
+struct SumsState {
+  acc_t v[S] = {};
+  __device__ __forceinline__ void merge(const SumsState& o) {
+#pragma unroll
+    for (int i = 0; i < S; ++i) v[i] += o.v[i];
+  }
+};
+
 template <int S, typename acc_t>
 __device__ __forceinline__ void warp_allreduce_sums(acc_t (&v)[S]) {
+  SumsState<S, acc_t> st;
 #pragma unroll
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+  for (int i = 0; i < S; ++i) st.v[i] = v[i];
+  warp_allreduce(st);
 #pragma unroll
-    for (int i = 0; i < S; ++i) v[i] += __shfl_xor_sync(0xffffffffu, v[i], off);
-  }
+  for (int i = 0; i < S; ++i) v[i] = st.v[i];
 }
 
 // ------------------------------------------------------------------------------------------------

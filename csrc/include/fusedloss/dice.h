@@ -76,5 +76,24 @@ FL_HOST_DEVICE void sigmoid_pq(T z, T& p, T& q) {
   q = pos ? e * r : r;
 }
 
+// softmax_u / softmax_grad with the class test as a value, is_target = 1 or 0 of type T: for a T whose
+// lanes are positions of different classes (the CPU kernel's at::vec vectors, lanes = positions).
+// Equal to softmax_u / softmax_grad for is_target in {0, 1} and finite upstream gradients.
+template <typename T>
+FL_HOST_DEVICE T softmax_u_w(T p, T is_target, T gI, T gP, bool squared_pred) {
+  return is_target * gI + gP * (squared_pred ? T(2) * p : T(1));
+}
+
+template <typename T>
+FL_HOST_DEVICE T softmax_grad_w(T p, T u, T s, T is_target, T g_nll, T sum_gsm, T g_sm) {
+  return p * (u - s) + g_nll * (p - is_target) + (p * sum_gsm - g_sm);
+}
+
+// The terms a position adds to P (p or p^2) and G (g or g^2) of its class c.
+template <typename T>
+FL_HOST_DEVICE T pred_term(T p, bool squared_pred) {
+  return squared_pred ? p * p : p;
+}
+
 }  // namespace dice
 }  // namespace fusedloss
