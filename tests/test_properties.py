@@ -161,3 +161,50 @@ def test_total_variation(data):
               else 0.0, reduction=data.draw(REDUCTIONS))
     # the fused paths give no weight gradient: the weight is a constant here
     _compare(fusedloss.total_variation, reference.total_variation, (x, weight), kw, dtype)
+
+
+def _dice_case(draw):
+    """(input (N, C, *spatial), int64 target, dtype, shared kwargs) for the Dice family."""
+    dtype = draw(DTYPES)
+    n, c = draw(st.integers(1, 3)), draw(st.integers(2, 9))
+    spatial = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=3)))
+    x = _layout(draw, _tensor(draw, (n, c) + spatial, dtype))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    t = torch.randint(0, c, (n,) + spatial, generator=g)
+    ignore_index = draw(st.sampled_from([-100, 0]))
+    t[torch.rand(t.shape, generator=g) < draw(st.sampled_from([0.0, 0.3, 1.0]))] = ignore_index
+    weight = (torch.rand(c, generator=g, dtype=torch.float64) + 0.1).to(dtype) \
+        if draw(st.booleans()) else None
+    kw = dict(weight=weight, ignore_index=ignore_index,
+              include_background=draw(st.booleans()), batch=draw(st.booleans()),
+              smooth_nr=draw(st.sampled_from([1e-5, 0.0, 1.0])), smooth_dr=1e-5)
+    return x, t, dtype, kw
+
+
+@SETTINGS
+@given(st.data())
+def test_dice_loss(data):
+    x, t, dtype, kw = _dice_case(data.draw)
+    kw.update(reduction=data.draw(REDUCTIONS), squared_pred=data.draw(st.booleans()))
+    _compare(fusedloss.dice_loss, reference.dice_loss, (x, t), kw, dtype)
+
+
+@SETTINGS
+@given(st.data())
+def test_tversky_loss(data):
+    x, t, dtype, kw = _dice_case(data.draw)
+    kw.update(reduction=data.draw(REDUCTIONS), alpha=data.draw(st.sampled_from([0.3, 0.5, 0.7])),
+              beta=data.draw(st.sampled_from([0.3, 0.5, 0.7])))
+    _compare(fusedloss.tversky_loss, reference.tversky_loss, (x, t), kw, dtype)
+
+
+@SETTINGS
+@given(st.data())
+def test_dice_ce_loss(data):
+    x, t, dtype, kw = _dice_case(data.draw)
+    kw.update(reduction=data.draw(st.sampled_from(["mean", "sum"])),
+              squared_pred=data.draw(st.booleans()),
+              label_smoothing=data.draw(st.sampled_from([0.0, 0.1])),
+              lambda_ce=data.draw(st.sampled_from([1.0, 0.5])),
+              ce_weight=kw["weight"] if data.draw(st.booleans()) else None)
+    _compare(fusedloss.dice_ce_loss, reference.dice_ce_loss, (x, t), kw, dtype)
