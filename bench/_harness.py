@@ -703,3 +703,44 @@ def dump_json(path: str, obj: Any) -> None:
         json.dump(obj, f, indent=1, default=str)
     os.replace(tmp, path)
 
+
+class LogitsTargetRunner(Runner):
+    """``fn(logits, target)``: fwd on the base logits; fwd+bwd on a fresh non-leaf copy per step
+    (ProduceLogits), whose gradient the sink keeps for the check (softmax focal, Dice)."""
+
+    def __init__(self, fn, inputs: dict, mode: str):
+        self.fn = fn
+        self.base = inputs["base"]
+        self.target = inputs["target"]
+        self.mode = mode
+        self.logits = None
+        self.loss = None
+        self.sink = {}
+
+    def setup(self):
+        self.loss = None
+        if self.mode == "fwdbwd":
+            self.sink.clear()
+            self.logits = None
+            self.logits = ProduceLogits.apply(self.base, self.sink)
+
+    def step(self):
+        if self.mode == "fwd":
+            self.loss = self.fn(self.base, self.target)
+            return
+        logits, self.logits = self.logits, None
+        loss = self.fn(logits, self.target)
+        del logits
+        loss.backward()
+        self.loss = loss.detach()
+
+    def outputs(self):
+        out = {"loss": self.loss}
+        if self.mode == "fwdbwd":
+            out["grad"] = sample_rows(self.sink["grad"])
+        return out
+
+    def teardown(self):
+        self.logits = None
+        self.loss = None
+        self.sink.clear()

@@ -101,45 +101,6 @@ def focal_formula(x, y, gamma: float = GAMMA):
     return (-((-torch.expm1(lp)) ** gamma) * lp).mean()
 
 
-class FocalRunner(Runner):
-    def __init__(self, fn, inputs: dict, mode: str):
-        self.fn = fn
-        self.base = inputs["base"]
-        self.target = inputs["target"]
-        self.mode = mode
-        self.logits = None
-        self.loss = None
-        self.sink = {}
-
-    def setup(self):
-        self.loss = None
-        if self.mode == "fwdbwd":
-            self.sink.clear()
-            self.logits = None
-            self.logits = H.ProduceLogits.apply(self.base, self.sink)
-
-    def step(self):
-        if self.mode == "fwd":
-            self.loss = self.fn(self.base, self.target)
-            return
-        logits, self.logits = self.logits, None
-        loss = self.fn(logits, self.target)
-        del logits
-        loss.backward()
-        self.loss = loss.detach()
-
-    def outputs(self):
-        out = {"loss": self.loss}
-        if self.mode == "fwdbwd":
-            out["grad"] = H.sample_rows(self.sink["grad"])
-        return out
-
-    def teardown(self):
-        self.logits = None
-        self.loss = None
-        self.sink.clear()
-
-
 def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict) -> Runner:
     import torch
 
@@ -156,7 +117,7 @@ def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict
         fn = lambda x, y: ref(x, y, GAMMA)  # noqa: E731
     else:
         raise ProviderUnavailable(f"unknown provider {provider!r}")
-    return FocalRunner(fn, inputs, case.mode)
+    return H.LogitsTargetRunner(fn, inputs, case.mode)
 
 
 def sweep_cases(device: str, kind: str, dtype: str | None = None) -> list:
