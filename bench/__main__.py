@@ -75,7 +75,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
                     help="default: cuda if available, else cpu")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run (<1 min on CPU): small shapes, 3 repeats, default allocator")
+                    help="smoke run (<1 min on CPU): one small fwd+bwd case per loss, 3 repeats, "
+                         "default allocator, no memory job (the other runs measure memory)")
     ap.add_argument("--out", default=DEFAULT_OUT,
                     help="directory for the JSON and PNG")
     ap.add_argument("--full", action="store_true",
@@ -149,6 +150,8 @@ def parse_args(argv=None):
     args.warmup = max(1, args.warmup)
     if args.max_time is None:
         args.max_time = 2.0 if args.quick else (15.0 if cpu else 10.0)
+    if args.quick:
+        args.memory = False
     args.headline = (cpu and not (args.full or args.quick or args.only or args.loss
                                   or args.list or args.sweep))
     if args.thp is None:
@@ -186,6 +189,10 @@ def select_cases(args):
         headline = getattr(mod, "DEFAULT_CASES", None)
         if headline is None:  # a loss module without its own list: its first fwd+bwd case
             headline = [next((c.name for c in mcases if c.mode == "fwdbwd"), mcases[0].name)]
+        if args.quick and not (only or losses):  # a smoke run: each loss's first fwd+bwd case
+            first = next((c for c in mcases if c.mode == "fwdbwd"), mcases[0])
+            left_out += [c.name for c in mcases if c is not first]
+            mcases = [first]
         for c in mcases:
             if args.headline and c.name not in headline:
                 left_out.append(c.name)
@@ -648,7 +655,11 @@ def main(argv=None) -> int:
                 print(R.compare(args.compare, results) + "\n")
             except (OSError, ValueError, KeyError) as e:
                 print(f"warning: --compare {args.compare}: {H.short_error(e)}", file=sys.stderr)
-        if getattr(args, "left_out", None):
+        if getattr(args, "left_out", None) and args.quick:
+            print(f"--quick ran one case per loss and no memory job; left out "
+                  f"{len(args.left_out)} quick cases (--quick --loss NAME runs a loss's): "
+                  + ", ".join(args.left_out))
+        elif getattr(args, "left_out", None):
             print(f"left out {len(args.left_out)} cases of the full run (--full runs them, over "
                   f"30 minutes here; --loss NAME or --only CASE picks some): "
                   + ", ".join(args.left_out))
