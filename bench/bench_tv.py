@@ -26,6 +26,9 @@ PROVIDERS = {
     "reference": Provider(requires=["fusedloss.reference.total_variation"], max_repeats=2,
                           thp_settings=("default",),
                           desc="fusedloss.reference.total_variation (pure PyTorch spec)"),
+    "kornia": Provider(requires=["kornia.losses.TotalVariation"],
+                       desc="kornia.losses.total_variation(img, reduction='sum').sum() / "
+                            "img.numel() (kornia has the anisotropic l1 only)"),
 }
 
 CHECK_ORDER = ["reference", "torch eager"]
@@ -160,6 +163,11 @@ def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict
     elif provider == "reference":
         ref = H.resolve("fusedloss.reference.total_variation")
         fn = lambda x: ref(x, norm=norm, eps=eps)  # noqa: E731
+    elif provider == "kornia":
+        if norm != "l1":
+            raise ProviderUnavailable("kornia's total_variation is the anisotropic l1 only")
+        ktv = H.resolve("kornia.losses").total_variation  # (the dotted name is also a module)
+        fn = lambda x: ktv(x, reduction="sum").sum() / x.numel()  # noqa: E731
     else:
         raise ProviderUnavailable(f"unknown provider {provider!r}")
     return TVRunner(fn, inputs, case.mode)
