@@ -706,7 +706,8 @@ def dump_json(path: str, obj: Any) -> None:
 
 class LogitsTargetRunner(Runner):
     """``fn(logits, target)``: fwd on the base logits; fwd+bwd on a fresh non-leaf copy per step
-    (ProduceLogits), whose gradient the sink keeps for the check (softmax focal, Dice)."""
+    (ProduceLogits), whose gradient the sink keeps for the check (cross-entropy, BCE, both focal
+    losses, Dice)."""
 
     def __init__(self, fn, inputs: dict, mode: str):
         self.fn = fn
@@ -737,7 +738,8 @@ class LogitsTargetRunner(Runner):
     def outputs(self):
         out = {"loss": self.loss}
         if self.mode == "fwdbwd":
-            out["grad"] = sample_rows(self.sink["grad"])
+            g = self.sink["grad"]  # rows of the leading dim, the rest flattened
+            out["grad"] = sample_rows(g.reshape(g.shape[0], -1))
         return out
 
     def teardown(self):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from . import _harness as H
 from ._harness import Case, Provider, ProviderUnavailable, Runner
-from .bench_sigmoid_focal import EwRunner, ew_case, ew_inputs
+from .bench_sigmoid_focal import ew_case, ew_inputs
 
 LOSS = "bce"
 
@@ -53,7 +53,7 @@ def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict
         fn = H.resolve("fusedloss.reference.binary_cross_entropy_with_logits")
     else:
         raise ProviderUnavailable(f"unknown provider {provider!r}")
-    return EwRunner(fn, inputs, case.mode)
+    return H.LogitsTargetRunner(fn, inputs, case.mode)
 
 
 __all__ = ["LOSS", "PROVIDERS", "cases", "make_inputs", "make_runner"]

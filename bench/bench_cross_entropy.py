@@ -101,45 +101,6 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
     return {"base": base, "target": target}
 
 
-class CERunner(Runner):
-    def __init__(self, fn, inputs: dict, mode: str):
-        self.fn = fn
-        self.base = inputs["base"]
-        self.target = inputs["target"]
-        self.mode = mode
-        self.logits = None
-        self.loss = None
-        self.sink = {}  # the gradient that reaches the logits' producer
-
-    def setup(self):
-        self.loss = None
-        if self.mode == "fwdbwd":
-            self.sink.clear()  # the last step's gradient is dropped, as after an optimizer step
-            self.logits = None
-            self.logits = H.ProduceLogits.apply(self.base, self.sink)
-
-    def step(self):
-        if self.mode == "fwd":
-            self.loss = self.fn(self.base, self.target)
-            return
-        logits, self.logits = self.logits, None
-        loss = self.fn(logits, self.target)
-        del logits
-        loss.backward()
-        self.loss = loss.detach()
-
-    def outputs(self):
-        out = {"loss": self.loss}
-        if self.mode == "fwdbwd":
-            out["grad"] = H.sample_rows(self.sink["grad"])
-        return out
-
-    def teardown(self):
-        self.logits = None
-        self.loss = None
-        self.sink.clear()
-
-
 def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict) -> Runner:
     import torch
     import torch.nn.functional as F
@@ -163,7 +124,7 @@ def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict
         fn = H.resolve("liger_kernel.transformers.LigerCrossEntropyLoss")()
     else:
         raise ProviderUnavailable(f"unknown provider {provider!r}")
-    return CERunner(fn, inputs, case.mode)
+    return H.LogitsTargetRunner(fn, inputs, case.mode)
 
 
 def sweep_cases(device: str, kind: str, dtype: str | None = None) -> list:

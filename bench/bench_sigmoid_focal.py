@@ -91,47 +91,6 @@ def ew_inputs(case: Case, device: str, seed: int = 0) -> dict:
 make_inputs = ew_inputs
 
 
-class EwRunner(Runner):
-    """fn(logits, target) -> scalar loss; fwd, or fwd+bwd through ProduceLogits."""
-
-    def __init__(self, fn, inputs: dict, mode: str):
-        self.fn = fn
-        self.base = inputs["base"]
-        self.target = inputs["target"]
-        self.mode = mode
-        self.logits = None
-        self.loss = None
-        self.sink = {}
-
-    def setup(self):
-        self.loss = None
-        if self.mode == "fwdbwd":
-            self.sink.clear()
-            self.logits = None
-            self.logits = H.ProduceLogits.apply(self.base, self.sink)
-
-    def step(self):
-        if self.mode == "fwd":
-            self.loss = self.fn(self.base, self.target)
-            return
-        logits, self.logits = self.logits, None
-        loss = self.fn(logits, self.target)
-        del logits
-        loss.backward()
-        self.loss = loss.detach()
-
-    def outputs(self):
-        out = {"loss": self.loss}
-        if self.mode == "fwdbwd":
-            g = self.sink["grad"]
-            out["grad"] = H.sample_rows(g.reshape(g.shape[0], -1))
-        return out
-
-    def teardown(self):
-        self.logits = None
-        self.loss = None
-        self.sink.clear()
-
 
 def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict) -> Runner:
     import torch
@@ -149,7 +108,7 @@ def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict
         fn = lambda x, y: ref(x, y, reduction="mean")  # noqa: E731
     else:
         raise ProviderUnavailable(f"unknown provider {provider!r}")
-    return EwRunner(fn, inputs, case.mode)
+    return H.LogitsTargetRunner(fn, inputs, case.mode)
 
 
 def sweep_cases(device: str, kind: str, dtype: str | None = None) -> list:
