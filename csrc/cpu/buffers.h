@@ -10,6 +10,13 @@
 
 namespace fusedloss::cpu {
 
+// A binding's device check of one tensor argument: "fusedloss_C CPU <op>: <name> must be a CPU
+// tensor, got one on <device>".
+inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fusedloss_C CPU ", op, ": ", name,
+              " must be a CPU tensor, got one on ", t.device());
+}
+
 // float32, or float64 for float64 tensors.
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

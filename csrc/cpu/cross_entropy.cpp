@@ -25,16 +25,11 @@ struct Prepared {
   Tensor target, weight;
 };
 
-void check_cpu(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "fusedloss_C CPU cross_entropy: ", name,
-              " must be a CPU tensor, got one on ", t.device());
-}
-
 Prepared prepare(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
                  const std::optional<Tensor>& loss_scale, int64_t ignore_index,
                  double label_smoothing, double z_loss, double softcap) {
-  check_cpu(input, "input");
-  check_cpu(target, "target");
+  check_cpu(input, "cross_entropy", "input");
+  check_cpu(target, "cross_entropy", "target");
   TORCH_CHECK(input.dim() == 3, "cross_entropy: input must have shape (N, C, D), got ",
               input.sizes());
   TORCH_CHECK(supported_dtype(input.scalar_type()),
@@ -88,7 +83,7 @@ Prepared prepare(const Tensor& input, const Tensor& target, const std::optional<
 
   a.weight_sum = static_cast<double>(C);
   if (weight.has_value() && weight->defined()) {
-    check_cpu(*weight, "weight");
+    check_cpu(*weight, "cross_entropy", "weight");
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C,
                 "cross_entropy: weight must have shape (C,) = (", C, ",), got ", weight->sizes());
     TORCH_CHECK(weight->scalar_type() == acc, "cross_entropy: weight must be ", acc,
@@ -101,7 +96,7 @@ Prepared prepare(const Tensor& input, const Tensor& target, const std::optional<
 
   a.loss_scale = 1.0;
   if (loss_scale.has_value() && loss_scale->defined()) {
-    check_cpu(*loss_scale, "loss_scale");
+    check_cpu(*loss_scale, "cross_entropy", "loss_scale");
     TORCH_CHECK(loss_scale->numel() == 1, "cross_entropy: loss_scale must be a 0-d tensor, got "
                 "shape ", loss_scale->sizes());
     TORCH_CHECK(loss_scale->scalar_type() == acc, "cross_entropy: loss_scale must be ", acc,
@@ -180,7 +175,7 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_inplace_cpu(
 
 Tensor cross_entropy_mean_factor_cpu(const Tensor& target, const std::optional<Tensor>& weight,
                                     int64_t ignore_index, at::ScalarType dtype) {
-  check_cpu(target, "target");
+  check_cpu(target, "cross_entropy", "target");
   TORCH_CHECK(target.scalar_type() == at::kLong, "cross_entropy_mean_factor: target must be int64, "
               "got ", target.scalar_type());
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
@@ -190,7 +185,7 @@ Tensor cross_entropy_mean_factor_cpu(const Tensor& target, const std::optional<T
   const int64_t n = y.numel();
   double total = 0.0;  // summed in a fixed order: deterministic, and exact for counts < 2^53
   if (weight.has_value() && weight->defined()) {
-    check_cpu(*weight, "weight");
+    check_cpu(*weight, "cross_entropy", "weight");
     const Tensor w = weight->contiguous().to(at::kDouble);
     const double* wp = w.const_data_ptr<double>();
     const int64_t C = w.numel();

@@ -20,11 +20,6 @@ namespace {
 
 using at::Tensor;
 
-void check_cpu(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "fusedloss_C CPU ", op, ": ", name,
-              " must be a CPU tensor, got one on ", t.device());
-}
-
 // The checks and fields dice_fwd and dice_bwd share: input, target, mode flags.
 DiceArgs common_args(const char* op, const Tensor& input, const Tensor& target,
                      int64_t ignore_index, bool sigmoid, bool squared_pred, bool with_ce,

@@ -19,18 +19,13 @@ namespace {
 
 using at::Tensor;
 
-void check_cpu(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "fusedloss_C CPU softmax_focal_fwd: ", name,
-              " must be a CPU tensor, got one on ", t.device());
-}
-
 std::tuple<Tensor, Tensor> softmax_focal_fwd_cpu(const Tensor& input, const Tensor& target,
                                                  const std::optional<Tensor>& weight,
                                                  const std::optional<Tensor>& loss_scale,
                                                  double gamma, int64_t ignore_index, bool reduce,
                                                  bool compute_grad) {
-  check_cpu(input, "input");
-  check_cpu(target, "target");
+  check_cpu(input, "softmax_focal_fwd", "input");
+  check_cpu(target, "softmax_focal_fwd", "target");
   TORCH_CHECK(input.dim() == 3, "softmax_focal_fwd: input must have shape (N, C, D), got ",
               input.sizes());
   TORCH_CHECK(supported_dtype(input.scalar_type()),
@@ -61,7 +56,7 @@ std::tuple<Tensor, Tensor> softmax_focal_fwd_cpu(const Tensor& input, const Tens
   a.target = y.const_data_ptr<int64_t>();
   Tensor w;
   if (weight.has_value() && weight->defined()) {
-    check_cpu(*weight, "weight");
+    check_cpu(*weight, "softmax_focal_fwd", "weight");
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C,
                 "softmax_focal_fwd: weight must have shape (C,) = (", C, ",), got ",
                 weight->sizes());
@@ -74,7 +69,7 @@ std::tuple<Tensor, Tensor> softmax_focal_fwd_cpu(const Tensor& input, const Tens
   a.gamma = gamma;
   a.loss_scale = 1.0;
   if (loss_scale.has_value() && loss_scale->defined()) {
-    check_cpu(*loss_scale, "loss_scale");
+    check_cpu(*loss_scale, "softmax_focal_fwd", "loss_scale");
     TORCH_CHECK(loss_scale->numel() == 1,
                 "softmax_focal_fwd: loss_scale must be a 0-d tensor, got shape ",
                 loss_scale->sizes());
