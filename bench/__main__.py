@@ -89,6 +89,9 @@ def parse_args(argv=None):
                     help="fwd+bwd over a series of sizes instead of the cases: vocabulary (V: "
                          "cross-entropy) or input size (size: the other losses); one plot per "
                          "loss of time and memory against the size (with --loss to pick)")
+    ap.add_argument("--readme", default=None, metavar="README.md",
+                    help="after the run, write its results (the markdown written beside the JSON) "
+                         "into this file, between its bench-results begin/end markers")
     ap.add_argument("--compare", default=None, metavar="OLD.json",
                     help="after the run, print what got faster or slower than in OLD.json")
     ap.add_argument("--only", default=None,
@@ -555,6 +558,8 @@ def main(argv=None) -> int:
     if not cases:
         print("no cases selected", file=sys.stderr)
         return 2
+    if args.readme:  # fail now, not after the run
+        R.check_readme(args.readme)
     os.makedirs(args.out, exist_ok=True)
     thps = (["n/a"] if args.device == "cuda"
             else (["default", "on"] if args.thp == "both" else [args.thp]))
@@ -618,7 +623,7 @@ def main(argv=None) -> int:
         failed = [r for r in results
                   if r.get("status") == "ok" and r.get("check", {}).get("pass") is False]
         errors = [r for r in results if r.get("status") == "error"]
-        suffix = (f"{args.device}{'_quick' if args.quick else ''}"
+        suffix = (f"{args.device}{'_quick' if args.quick else ''}{'_full' if args.full else ''}"
                   f"{'_sweep_' + args.sweep if args.sweep else ''}{'_busy' if args.busy else ''}")
         json_path = os.path.join(args.out, f"bench_{suffix}.json")
         png_path = os.path.join(args.out, f"bench_{suffix}.png")
@@ -634,21 +639,30 @@ def main(argv=None) -> int:
             "results": results,
             "wall_s": time.perf_counter() - t_start,
         })
+        plot_files = {}
         if not args.no_plot:
             try:
-                pngs = []
                 for loss in dict.fromkeys(c.loss for c in cases):
                     lc = [c for c in cases if c.loss == loss]
-                    pngs.append(png_path.replace(".png", f"_{loss}.png"))
+                    f = png_path.replace(".png", f"_{loss}.png")
                     (R.write_sweep_plot if args.sweep else H.write_plot)(
-                        pngs[-1], lc, results, args.device)
-                png_path = ", ".join(pngs)
+                        f, lc, results, args.device)
+                    plot_files[loss] = f
+                png_path = ", ".join(plot_files.values())
             except Exception as e:  # a plot failure should not hide the numbers
                 print(f"warning: plot failed: {H.short_error(e)}", file=sys.stderr)
                 png_path = None
         csv_path = os.path.join(args.out, f"bench_{suffix}.csv")
         R.write_csv(csv_path, cases, results, (machine or {}).get("name") or args.device,
                     _version())
+        md_path = os.path.join(args.out, f"bench_{suffix}.md")
+        command = " ".join(["python -m bench"] + list(sys.argv[1:] if argv is None else argv))
+        md = R.markdown(cases, results, machine, (probe or {}).get("env"), args.device, command,
+                        {loss: os.path.basename(f) for loss, f in plot_files.items()})
+        with open(md_path, "w") as fh:
+            fh.write(md)
+        if args.readme:
+            R.update_readme(args.readme, md, args.out)
         print(R.summary(cases, results, machine) + "\n")
         if args.compare:
             try:
@@ -663,7 +677,7 @@ def main(argv=None) -> int:
             print(f"left out {len(args.left_out)} cases of the full run (--full runs them, over "
                   f"30 minutes here; --loss NAME or --only CASE picks some): "
                   + ", ".join(args.left_out))
-        print(f"wrote {json_path}, {csv_path}"
+        print(f"wrote {json_path}, {csv_path}, {md_path}"
               + (f" and {png_path}" if png_path and not args.no_plot else ""))
         for r in errors:
             print(f"provider error: {r['case']} [{r['thp']}] {r['provider']}: {r.get('reason')}")

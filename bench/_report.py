@@ -11,8 +11,15 @@ import statistics
 from . import _harness as H
 
 # The providers the summary sets fusedloss against, in column order (absent ones are skipped).
-PEERS = ("torch.compile", "torch eager", "torch chunked", "liger", "quack", "monai", "kornia",
-         "torchvision", "reference")
+# Any other provider a bench module adds comes after these, so none is left out of the tables.
+PEERS = ("torch.compile", "torch eager", "torch chunked", "liger", "quack", "MONAI", "kornia",
+         "torchvision", "fusedloss-inplace", "reference")
+
+
+def _peers(rows) -> list:
+    """The non-fusedloss providers in ``rows`` (dicts keyed by provider), in PEERS order."""
+    seen = dict.fromkeys(p for d in rows for p in d if p != H.FUSED)
+    return [p for p in PEERS if p in seen] + [p for p in seen if p not in PEERS]
 
 
 def _ok(r):
@@ -40,7 +47,7 @@ def summary(cases, results, machine) -> str:
     machine's copy bandwidth, how many times longer each peer takes, extra memory in logits,
     and whether every check passed."""
     by = _by_case(results)
-    present = [p for p in PEERS if any(p in d for d in by.values())]
+    present = _peers(by.values())
     hdr = ["case", "thp", "fused ms", "GB/s (copy %)"] + [f"{p} x" for p in present] + [
         "mem x logits", "checks"]
     lines = []
@@ -193,3 +200,122 @@ def write_sweep_plot(path, cases, results, device) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+README_BEGIN = "<!-- bench-results:begin (written by python -m bench --readme README.md) -->"
+README_END = "<!-- bench-results:end -->"
+
+
+def _spread(r) -> str:
+    t = sorted(r.get("times_ms") or [r["median_ms"]])
+    if len(t) < 3:
+        return f"{r['median_ms']:.3g}"
+    q = statistics.quantiles(t, n=10, method="inclusive")
+    return f"{r['median_ms']:.3g} ({q[1]:.3g}-{q[7]:.3g})"
+
+
+def markdown(cases, results, machine, env, device, command, pngs) -> str:
+    """The run as markdown: per loss, one row per (case, allocator setting) with fusedloss's median
+    and p20-p80 spread, its bandwidth, each peer's time over fusedloss's (and its extra memory in
+    units of the input), fusedloss's extra memory and its largest error against the check target;
+    then the loss's plot. What the README's results section is made of."""
+    by = _by_case(results)
+    cmap = {c.name: c for c in cases}
+    copy = (machine or {}).get("copy_GBps")
+    e = env or {}
+    where = ", ".join(x for x in [
+        e.get("gpu") or e.get("cpu_model") or device,
+        f"{e['threads']} threads" if device == "cpu" and e.get("threads") else "",
+        e.get("cpu_capability") if device == "cpu" else "",
+        f"torch {e['torch']}" if e.get("torch") else "",
+        f"fusedloss {(e.get('fusedloss') or {}).get('version', '?')} ({e.get('git', '?')[:12]})",
+    ] if x)
+    thps = sorted({thp for _, thp in by})
+    out = [f"`{command}` on {device.upper()} ({where}), {datetime.date.today().isoformat()}"
+           + (f"; copy bandwidth {copy:.1f} GB/s, measured in the same run" if copy else "")
+           + ".",
+           "",
+           "Each row: fusedloss's median time in ms (p20-p80 of the timed steps); its achieved "
+           "bandwidth (the minimal bytes: input read, gradient written); each peer's median over "
+           "fusedloss's (> 1: fusedloss is faster), with the peer's extra memory in units of the "
+           "input in brackets; fusedloss's extra memory (the gradient alone is 1.00); and "
+           "fusedloss's largest relative error against the check target (the reference, else "
+           "torch eager). A row whose check failed says FAIL."]
+    for loss in dict.fromkeys(c.loss for c in cases):
+        names = [c.name for c in cases if c.loss == loss]
+        keys = [(n, t) for n in names for t in thps if (n, t) in by]
+        if not keys:
+            continue
+        peers = _peers(by[k] for k in keys)
+        hdr = (["case", "mode"] + (["thp"] if len(thps) > 1 else [])
+               + ["fusedloss ms", "GB/s"] + peers + ["mem", "max err", "check"])
+        out += ["", f"### {loss}", "", "| " + " | ".join(hdr) + " |",
+                "|" + "---|" * len(hdr)]
+        for name, thp in keys:
+            d, case = by[(name, thp)], cmap[name]
+            f = d.get(H.FUSED)
+            fok = f is not None and _ok(f)
+            row = [case.title.rsplit(", fwd", 1)[0] if case.title else name,
+                   "fwd+bwd" if case.mode == "fwdbwd" else "fwd"]
+            row += [thp] if len(thps) > 1 else []
+            bw = gbps(case, f) if fok else None
+            row += [_spread(f) if fok else (f or {}).get("status", "-"),
+                    "-" if bw is None else f"{bw:.1f}"]
+            for p in peers:
+                r = d.get(p)
+                if r is None:
+                    row.append("")
+                elif not _ok(r) or not fok:
+                    row.append(r.get("status", "-"))
+                else:
+                    cell = f"{r['median_ms'] / f['median_ms']:.2f}x"
+                    if r.get("extra_bytes") is not None and case.logits_bytes:
+                        cell += f" ({r['extra_bytes'] / case.logits_bytes:.2f})"
+                    row.append(cell)
+            xl = (f["extra_bytes"] / case.logits_bytes
+                  if fok and f.get("extra_bytes") is not None and case.logits_bytes else None)
+            row.append("-" if xl is None else f"{xl:.2f}")
+            errs = (f or {}).get("check", {}).get("errors") or {}
+            row.append(f"{max(errs.values()):.1e}" if errs else "-")
+            fails = [p for p, r in d.items() if r.get("check", {}).get("pass") is False]
+            row.append("FAIL: " + ", ".join(fails) if fails else "ok")
+            out.append("| " + " | ".join(row) + " |")
+        why = {}
+        for k in keys:
+            for p, r in by[k].items():
+                if r.get("status") not in (None, "ok") and r.get("reason"):
+                    why.setdefault(p, f"{r['status']}: {r['reason']}")
+        if why:
+            out += [""] + [f"- {p}: {w}" for p, w in why.items()]
+        png = (pngs or {}).get(loss)
+        if png:
+            out += ["", f"![{loss}]({png})"]
+    return "\n".join(out) + "\n"
+
+
+def check_readme(readme_path) -> str:
+    """The README's text, or SystemExit if it has no results block to write into."""
+    try:
+        with open(readme_path) as fh:
+            text = fh.read()
+    except OSError as e:
+        raise SystemExit(f"--readme {readme_path}: {e}") from None
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"--readme {readme_path}: no '{README_BEGIN}' ... '{README_END}' block "
+                         "to write the results into")
+    return text
+
+
+def update_readme(readme_path, md, results_dir) -> None:
+    """Replace the README's block between README_BEGIN and README_END with ``md``, its image
+    links made relative to the README."""
+    import os
+    import re
+
+    text = check_readme(readme_path)
+    rel = os.path.relpath(results_dir, os.path.dirname(os.path.abspath(readme_path)))
+    md = re.sub(r"\]\(([^)/]+\.png)\)", lambda mt: f"]({rel}/{mt.group(1)})", md)
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(readme_path, "w") as fh:
+        fh.write(head + README_BEGIN + "\n" + md + README_END + tail)

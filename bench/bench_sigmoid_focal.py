@@ -19,6 +19,9 @@ PROVIDERS = {
     "torch eager": Provider(desc="torchvision's sigmoid_focal_loss formula, eager"),
     "torch.compile": Provider(desc="torch.compile of torchvision's formula, compiled in the "
                                    "warm-up"),
+    "torchvision": Provider(requires=["torchvision.ops.sigmoid_focal_loss"],
+                            desc="torchvision.ops.sigmoid_focal_loss(reduction='mean'), eager "
+                                 "(pip install torchvision, matching torch)"),
     "reference": Provider(requires=["fusedloss.reference.sigmoid_focal_loss"], max_repeats=2,
                           thp_settings=("default",),
                           desc="fusedloss.reference.sigmoid_focal_loss (pure PyTorch spec)"),
@@ -103,6 +106,9 @@ def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict
         fn = torchvision_formula
     elif provider == "torch.compile":
         fn = torch.compile(torchvision_formula, dynamic=False)
+    elif provider == "torchvision":
+        tv_sfl = H.resolve("torchvision.ops.sigmoid_focal_loss")
+        fn = lambda x, y: tv_sfl(x, y, reduction="mean")  # noqa: E731
     elif provider == "reference":
         ref = H.resolve("fusedloss.reference.sigmoid_focal_loss")
         fn = lambda x, y: ref(x, y, reduction="mean")  # noqa: E731
