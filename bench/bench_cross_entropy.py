@@ -25,6 +25,9 @@ PROVIDERS = {
                           desc="fusedloss.reference.cross_entropy (pure PyTorch spec)"),
     "liger": Provider(requires=["liger_kernel.transformers.LigerCrossEntropyLoss"],
                       devices=("cuda",), desc="liger_kernel LigerCrossEntropyLoss"),
+    "quack": Provider(requires=["quack.cross_entropy.cross_entropy"], devices=("cuda",),
+                      desc="quack.cross_entropy.cross_entropy(reduction='mean') (pip install "
+                           "quack-kernels; CuTe DSL, Hopper and newer)"),
 }
 
 CHECK_ORDER = ["reference", "torch eager"]
@@ -122,6 +125,11 @@ def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict
         if device != "cuda":
             raise ProviderUnavailable("liger needs CUDA")
         fn = H.resolve("liger_kernel.transformers.LigerCrossEntropyLoss")()
+    elif provider == "quack":
+        if device != "cuda":
+            raise ProviderUnavailable("quack needs CUDA")
+        quack_ce = H.resolve("quack.cross_entropy.cross_entropy")
+        fn = lambda x, y: quack_ce(x, y, reduction="mean")  # noqa: E731
     else:
         raise ProviderUnavailable(f"unknown provider {provider!r}")
     return H.LogitsTargetRunner(fn, inputs, case.mode)
