@@ -298,3 +298,25 @@ class DiceCELoss(_DiceOptions):
     def extra_repr(self) -> str:
         return (f"lambda_dice={self.lambda_dice}, lambda_ce={self.lambda_ce}, "
                 + super().extra_repr())
+
+
+# help() and IDEs fall back to torch.nn.Module's "Initialize internal Module state" and "Define the
+# computation performed at every call" where a method has no docstring of its own.
+_CALLS = {
+    "CrossEntropyLoss": ("cross_entropy", "input, target"),
+    "LinearCrossEntropyLoss": ("linear_cross_entropy", "input, linear_weight, target, linear_bias"),
+    "SigmoidFocalLoss": ("sigmoid_focal_loss", "input, target"),
+    "SoftmaxFocalLoss": ("softmax_focal_loss", "input, target"),
+    "BCEWithLogitsLoss": ("binary_cross_entropy_with_logits", "input, target"),
+    "TotalVariationLoss": ("total_variation", "input, weight"),
+    "DiceLoss": ("dice_loss", "input, target"),
+    "TverskyLoss": ("tversky_loss", "input, target"),
+    "DiceCELoss": ("dice_ce_loss", "input, target"),
+}
+for _name, (_fn, _args) in _CALLS.items():
+    _cls = globals()[_name]
+    _cls.__init__.__doc__ = (f"Keep the options of :func:`fusedloss.{_fn}` for every call (the "
+                             f"arguments are described in the class docstring).")
+    _cls.forward.__doc__ = (f":func:`fusedloss.{_fn}` of ``{_args}`` with this module's "
+                            f"options.")
+del _name, _fn, _args, _cls

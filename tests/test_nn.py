@@ -307,3 +307,20 @@ def test_tiny_lm_training_curves_match_torch(deterministic):
         assert diff.max() <= 1e-4, (
             f"{kind}: loss curve differs from torch.nn.CrossEntropyLoss by {diff.max():.2e} at "
             f"step {int(diff.argmax())}\n{kind}: {curve.tolist()}\ntorch: {ref.tolist()}")
+
+
+def test_help_shows_fusedloss_docstrings():
+    """help(fusedloss.nn.X) must not show torch.nn.Module's generic __init__/forward docstrings."""
+    import inspect
+
+    import fusedloss.nn as fnn
+
+    module_docs = {inspect.getdoc(torch.nn.Module.__init__),
+                   inspect.getdoc(torch.nn.Module.forward)}
+    assert set(fnn.__all__) == set(fnn._CALLS)
+    for name in fnn.__all__:
+        cls = getattr(fnn, name)
+        for meth in (cls.__init__, cls.forward):
+            doc = inspect.getdoc(meth)
+            assert doc and doc not in module_docs, (name, meth.__name__, doc)
+            assert "fusedloss." in doc, (name, meth.__name__, doc)
