@@ -249,7 +249,7 @@ def markdown(cases, results, machine, env, device, command, pngs) -> str:
         peers = _peers(by[k] for k in keys)
         hdr = (["case", "mode"] + (["thp"] if len(thps) > 1 else [])
                + ["fusedloss ms", "GB/s"] + peers + ["mem", "max err", "check"])
-        out += ["", f"### {loss}", "", "| " + " | ".join(hdr) + " |",
+        out += ["", f"#### {loss}", "", "| " + " | ".join(hdr) + " |",
                 "|" + "---|" * len(hdr)]
         for name, thp in keys:
             d, case = by[(name, thp)], cmap[name]
