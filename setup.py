@@ -7,7 +7,7 @@
 Environment:
     FUSEDLOSS_BUILD_EXT=0   pure-Python install, no extension (fusedloss falls back to reference)
     MAX_JOBS=n              parallel compile jobs (torch's ninja backend)
-    FUSEDLOSS_SANITIZE=address   build the CPU code with AddressSanitizer (-O1 -g; CI's ASan step,
+    FUSEDLOSS_SANITIZE=address   build the CPU code with AddressSanitizer (-O1 -g1; CI's ASan step,
                             .ci/asan.sh; run Python with libasan preloaded)
     FUSEDLOSS_ISAS=DEFAULT,AVX512   compile the CPU kernels for these instruction sets only
 
@@ -103,7 +103,7 @@ def _extension_and_cmdclass():
         sanitize = os.environ.get("FUSEDLOSS_SANITIZE", "").strip()
         if sanitize:
             cxx = [f if f != "-O3" else "-O1" for f in cxx] + [
-                f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+                f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g1"]
             link += [f"-fsanitize={sanitize}"]
     # Tell the bindings which kernel copies exist.
     cxx += [f"-DFUSEDLOSS_HAVE_{isa}" for isa in isas]
