@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU kernels under AddressSanitizer: a copy of the tree built with FUSEDLOSS_SANITIZE=address
-# (-O1 -g1: line tables for the reports, half the build time of -g), then every test that runs the C++ CPU kernels, with libasan preloaded into Python. Any
-# out-of-bounds read or write in a kernel aborts the run with ASan's report.
+# (-O1 -g1: line tables for the reports, half the build time of -g), then every test that runs the
+# C++ CPU kernels, with libasan preloaded into Python. Any out-of-bounds read or write in a kernel
+# aborts the run with ASan's report.
 #
 # Only the DEFAULT copy of the kernels is built: torch's DEFAULT at::vec::Vectorized is 32 bytes
 # wide, as AVX2's is, so the vector bodies and the tails the tests reach are the ones the AVX2 copy
