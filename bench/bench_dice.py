@@ -156,3 +156,10 @@ def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict
     else:
         raise ProviderUnavailable(f"unknown provider {provider!r}")
     return H.LogitsTargetRunner(fn, inputs, case.mode)
+
+
+def sweep_cases(device: str, kind: str, dtype: str | None = None) -> list:
+    """--sweep size: Dice fwd+bwd over square images, 19 classes (Cityscapes-like)."""
+    if kind != "size":
+        return []
+    return [_case("dice", 4, 19, (s, s), dtype or "fp32", "fwdbwd") for s in (64, 128, 256, 512)]

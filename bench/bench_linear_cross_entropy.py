@@ -153,3 +153,12 @@ def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict
     else:
         raise ProviderUnavailable(f"unknown provider {provider!r}")
     return LCERunner(fn, inputs)
+
+
+def sweep_cases(device: str, kind: str, dtype: str | None = None) -> list:
+    """--sweep V: fwd+bwd over vocabulary sizes at N=1024, H=256 on CPU (the GEMMs decide there),
+    N=4096, H=4096 on CUDA."""
+    if kind != "V":
+        return []
+    n, h = (1024, 256) if device == "cpu" else (4096, 4096)
+    return [_case(n, h, v, dtype or "fp32", False) for v in (4096, 16384, 32000, 65536)]
