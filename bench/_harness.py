@@ -705,14 +705,14 @@ def dump_json(path: str, obj: Any) -> None:
 
 
 class LogitsTargetRunner(Runner):
-    """``fn(logits, target)``: fwd on the base logits; fwd+bwd on a fresh non-leaf copy per step
-    (ProduceLogits), whose gradient the sink keeps for the check (cross-entropy, BCE, both focal
-    losses, Dice)."""
+    """``fn(logits, target)``, or ``fn(logits)`` when the inputs have no target (TV's images): fwd
+    on the base logits; fwd+bwd on a fresh non-leaf copy per step (ProduceLogits), whose gradient
+    the sink keeps for the check (cross-entropy, BCE, both focal losses, Dice, TV)."""
 
     def __init__(self, fn, inputs: dict, mode: str):
         self.fn = fn
         self.base = inputs["base"]
-        self.target = inputs["target"]
+        self.rest = (inputs["target"],) if "target" in inputs else ()
         self.mode = mode
         self.logits = None
         self.loss = None
@@ -727,10 +727,10 @@ class LogitsTargetRunner(Runner):
 
     def step(self):
         if self.mode == "fwd":
-            self.loss = self.fn(self.base, self.target)
+            self.loss = self.fn(self.base, *self.rest)
             return
         logits, self.logits = self.logits, None
-        loss = self.fn(logits, self.target)
+        loss = self.fn(logits, *self.rest)
         del logits
         loss.backward()
         self.loss = loss.detach()

@@ -109,44 +109,6 @@ def slicing_tv(x, norm: str, eps: float):
     return total / x.numel()
 
 
-class TVRunner(Runner):
-    def __init__(self, fn, inputs: dict, mode: str):
-        self.fn = fn
-        self.base = inputs["base"]
-        self.mode = mode
-        self.images = None
-        self.loss = None
-        self.sink = {}
-
-    def setup(self):
-        self.loss = None
-        if self.mode == "fwdbwd":
-            self.sink.clear()
-            self.images = None
-            self.images = H.ProduceLogits.apply(self.base, self.sink)
-
-    def step(self):
-        if self.mode == "fwd":
-            self.loss = self.fn(self.base)
-            return
-        images, self.images = self.images, None
-        loss = self.fn(images)
-        del images
-        loss.backward()
-        self.loss = loss.detach()
-
-    def outputs(self):
-        out = {"loss": self.loss}
-        if self.mode == "fwdbwd":
-            out["grad"] = H.sample_rows(self.sink["grad"].flatten(0, 1))
-        return out
-
-    def teardown(self):
-        self.images = None
-        self.loss = None
-        self.sink.clear()
-
-
 def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict) -> Runner:
     import torch
 
@@ -170,7 +132,7 @@ def make_runner(provider: str, case: Case, inputs: dict, device: str, opts: dict
         fn = lambda x: ktv(x, reduction="sum").sum() / x.numel()  # noqa: E731
     else:
         raise ProviderUnavailable(f"unknown provider {provider!r}")
-    return TVRunner(fn, inputs, case.mode)
+    return H.LogitsTargetRunner(fn, inputs, case.mode)
 
 
 def sweep_cases(device: str, kind: str, dtype: str | None = None) -> list:
