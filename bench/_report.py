@@ -26,6 +26,27 @@ def _ok(r):
     return r.get("status") == "ok" and r.get("median_ms") is not None
 
 
+def _p20_p80(r) -> tuple:
+    """The 20th and 80th percentiles of a result's timed steps (its one time when it has one)."""
+    t = sorted(r.get("times_ms") or [r["median_ms"]])
+    q = statistics.quantiles(t, n=10, method="inclusive") if len(t) > 1 else t * 9
+    return q[1], q[7]
+
+
+def _fused_mem(case, f) -> float | None:
+    """fusedloss's extra memory in units of the case's input, when measured."""
+    if f is None or not _ok(f) or f.get("extra_bytes") is None or not case or \
+            not case.logits_bytes:
+        return None
+    return f["extra_bytes"] / case.logits_bytes
+
+
+def _failed(d) -> str:
+    """The check cell of one (case, allocator setting): ok, or FAIL and who failed."""
+    fails = [p for p, r in d.items() if r.get("check", {}).get("pass") is False]
+    return "FAIL: " + ", ".join(fails) if fails else "ok"
+
+
 def _by_case(results):
     out = {}
     for r in results:
@@ -72,12 +93,9 @@ def summary(cases, results, machine) -> str:
                 row.append(r.get("status", "-"))
             else:
                 row.append(f"{r['median_ms'] / f['median_ms']:.2f}x")
-        xl = (f.get("extra_bytes") / case.logits_bytes
-              if f is not None and f.get("extra_bytes") is not None and case
-              and case.logits_bytes else None)
+        xl = _fused_mem(case, f)
         row.append("-" if xl is None else f"{xl:.2f}")
-        fails = [p for p, r in d.items() if r.get("check", {}).get("pass") is False]
-        row.append("FAIL: " + ", ".join(fails) if fails else "ok")
+        row.append(_failed(d))
         lines.append(row)
     if not lines:
         return ""
@@ -120,11 +138,9 @@ def write_csv(path, cases, results, device, version) -> None:
             mode = "full" if case.mode == "fwdbwd" else "forward"
             cfg = json.dumps({"dtype": case.dtype, "thp": r.get("thp"), "case": case.name,
                               **(case.dims or {})}, sort_keys=True)
-            t = sorted(r.get("times_ms") or [r["median_ms"]])
-            q = statistics.quantiles(t, n=10, method="inclusive") if len(t) > 1 else t * 9
             base = [case.loss, r["provider"], mode]
             tail = [cfg, device, ts, version]
-            w.writerow(base + ["speed", "ms", xn, xn, xv, r["median_ms"], q[1], q[7]] + tail)
+            w.writerow(base + ["speed", "ms", xn, xn, xv, r["median_ms"], *_p20_p80(r)] + tail)
             if r.get("extra_bytes") is not None:
                 mb = r["extra_bytes"] / 2**20
                 w.writerow(base + ["memory", "MB", xn, xn, xv, mb, mb, mb] + tail)
@@ -207,11 +223,10 @@ README_END = "<!-- bench-results:end -->"
 
 
 def _spread(r) -> str:
-    t = sorted(r.get("times_ms") or [r["median_ms"]])
-    if len(t) < 3:
+    if len(r.get("times_ms") or ()) < 3:
         return f"{r['median_ms']:.3g}"
-    q = statistics.quantiles(t, n=10, method="inclusive")
-    return f"{r['median_ms']:.3g} ({q[1]:.3g}-{q[7]:.3g})"
+    p20, p80 = _p20_p80(r)
+    return f"{r['median_ms']:.3g} ({p20:.3g}-{p80:.3g})"
 
 
 def markdown(cases, results, machine, env, device, command, pngs) -> str:
@@ -272,13 +287,11 @@ def markdown(cases, results, machine, env, device, command, pngs) -> str:
                     if r.get("extra_bytes") is not None and case.logits_bytes:
                         cell += f" ({r['extra_bytes'] / case.logits_bytes:.2f})"
                     row.append(cell)
-            xl = (f["extra_bytes"] / case.logits_bytes
-                  if fok and f.get("extra_bytes") is not None and case.logits_bytes else None)
+            xl = _fused_mem(case, f)
             row.append("-" if xl is None else f"{xl:.2f}")
             errs = (f or {}).get("check", {}).get("errors") or {}
             row.append(f"{max(errs.values()):.1e}" if errs else "-")
-            fails = [p for p, r in d.items() if r.get("check", {}).get("pass") is False]
-            row.append("FAIL: " + ", ".join(fails) if fails else "ok")
+            row.append(_failed(d))
             out.append("| " + " | ".join(row) + " |")
         why = {}
         for k in keys:
